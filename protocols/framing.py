@@ -31,11 +31,12 @@ class Framer:
     """Accumulates bytes and yields complete payloads.
 
     Args:
-        max_frame: largest payload accepted (default 32768, or 9999 for ascii4); a larger declared length raises FrameError.
+        max_frame: largest payload accepted (default 32768, or 9999 for ascii4); a larger
+            declared length raises FrameError.
         prefix: ``"binary2"`` or ``"ascii4"``.
     """
 
-    __slots__ = ("_buf", "_max", "_prefix_len", "_ascii")
+    __slots__ = ("_ascii", "_buf", "_max", "_prefix_len")
 
     def __init__(self, max_frame: int | None = None, prefix: PrefixKind = "binary2") -> None:
         if prefix not in ("binary2", "ascii4"):

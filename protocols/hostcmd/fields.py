@@ -64,7 +64,9 @@ class Field:
         """Parse this field from ``data`` at ``pos`` into ``out``; return the new position."""
         raise NotImplementedError
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         """Append this field's wire form, taken from ``values``, to ``out``."""
         raise NotImplementedError
 
@@ -99,7 +101,9 @@ class Fixed(Field):
         out[self.name] = chunk.decode("latin-1")
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         raw = _text(values, self.name)
         if len(raw) != self.length:
             raise ValueError(f"{self.name}: must be {self.length} characters, got {len(raw)}")
@@ -125,7 +129,9 @@ class Binary(Field):
         out[self.name] = chunk
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         raw = _text(values, self.name)
         if len(raw) != self.length:
             raise ValueError(f"{self.name}: must be {self.length} bytes")
@@ -188,7 +194,9 @@ class Key(Field):
         out[self.name] = data[pos:end].decode("ascii").upper()
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         out += _text(values, self.name)
 
     def names(self) -> tuple[str, ...]:
@@ -228,7 +236,9 @@ class Delimited(Field):
         out[self.name] = data[pos:end].decode("latin-1")
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         raw = _text(values, self.name)
         if not self.min_length <= len(raw) <= self.max_length:
             raise ValueError(f"{self.name}: length out of range")
@@ -251,7 +261,9 @@ class Literal(Field):
             raise ParseError(self.error, repr(self.text.decode("latin-1")), "delimiter missing")
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         out += self.text
 
 
@@ -301,7 +313,9 @@ class Counted(Field):
         out[self.name] = data[pos:end]
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         out += _text(values, self.name)
 
     def names(self) -> tuple[str, ...]:
@@ -333,7 +347,9 @@ class Der(Field):
         out[self.name] = data[pos:end]
         return end
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         out += _text(values, self.name)
 
     def names(self) -> tuple[str, ...]:
@@ -359,7 +375,9 @@ class Opt(Field):
             pos = f.parse(data, pos, out, ctx)
         return pos
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         first = next((n for f in self.fields for n in f.names()), None)
         if first is None or first not in values:
             return
@@ -394,7 +412,9 @@ class When(Field):
                 pos = f.parse(data, pos, out, ctx)
         return pos
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         if self.applies(values, ctx):
             for f in self.fields:
                 f.format(values, out, ctx)
@@ -420,7 +440,9 @@ class Present(Field):
             pos = f.parse(data, pos, out, ctx)
         return pos
 
-    def format(self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]) -> None:
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
         first = next((n for f in self.fields for n in f.names()), None)
         if first is None or first not in values:
             return
@@ -431,6 +453,44 @@ class Present(Field):
         return tuple(n for f in self.fields for n in f.names())
 
 
+def key_algorithm(key_value: str | bytes | None) -> str:
+    """Algorithm of a key field value: ``"A"`` for an AES key block, else ``"T"`` (TDES/DES)."""
+    if isinstance(key_value, bytes):
+        key_value = key_value.decode("latin-1")
+    if key_value and key_value[0] in KEY_BLOCK_SCHEMES and len(key_value) > 8:
+        return "A" if key_value[8] == "A" else "T"
+    return "T"
+
+
+@dataclass(frozen=True, slots=True)
+class ByKeyAlgorithm(Field):
+    """Hex whose length depends on an earlier key's algorithm (PIN block 16/32, KSN 20/24, IV 16/32)."""
+
+    name: str
+    key_field: str
+    tdes_length: int
+    aes_length: int
+    error: str = "15"
+
+    def length_for(self, values: Mapping[str, str | bytes], ctx: Mapping[str, str | bytes]) -> int:
+        """The field length given the key found in ``values`` or ``ctx``."""
+        key = values.get(self.key_field, ctx.get(self.key_field))
+        return self.aes_length if key_algorithm(key) == "A" else self.tdes_length
+
+    def parse(self, data: bytes, pos: int, out: Values, ctx: Mapping[str, str | bytes]) -> int:
+        n = self.length_for(out, ctx)
+        return Fixed(self.name, n, HEX_ANYCASE, self.error).parse(data, pos, out, ctx)
+
+    def format(
+        self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
+    ) -> None:
+        n = self.length_for(values, ctx)
+        Fixed(self.name, n, HEX, self.error).format(values, out, ctx)
+
+    def names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     """Result of :func:`parse`: field values and the trailer (``b""`` when absent)."""
@@ -439,9 +499,7 @@ class Parsed:
     trailer: bytes = b""
 
 
-def parse(
-    layout: tuple[Field, ...], data: bytes, ctx: Mapping[str, str | bytes] | None = None
-) -> Parsed:
+def parse(layout: tuple[Field, ...], data: bytes, ctx: Mapping[str, str | bytes] | None = None) -> Parsed:
     """Parse ``data`` (everything after the command or error code) with ``layout``.
 
     A trailer (0x19 and what follows) after the last field is returned separately. Any other

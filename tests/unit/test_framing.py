@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.framing import Framer, FrameError, encode_frame
+from protocols.framing import FrameError, Framer, encode_frame
 from protocols.hostcmd.envelope import (
     EnvelopeError,
     build_response,

@@ -1,0 +1,83 @@
+"""The ``hsmproxy`` command line: ``emulator``, ``conformance`` (more subcommands land with the proxy)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _header_length(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 255:
+        raise argparse.ArgumentTypeError("header length must be 0..255")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="hsmproxy", description="payShield-compatible HSM proxy")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    emu = sub.add_parser("emulator", help="run the reference software HSM")
+    emu.add_argument("--listen", type=_host_port, default=("127.0.0.1", 1501), metavar="HOST:PORT")
+    emu.add_argument("--header-length", type=_header_length, default=4)
+    emu.add_argument(
+        "--lmk-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="extra LMKs from a component file (repeatable)",
+    )
+
+    conf = sub.add_parser("conformance", help="differential run: target against reference")
+    conf.add_argument("--reference", type=_host_port, required=True, metavar="HOST:PORT")
+    conf.add_argument("--target", type=_host_port, required=True, metavar="HOST:PORT")
+    conf.add_argument("--header-length", type=_header_length, default=4)
+    conf.add_argument("--cases", default=None, metavar="DIR", help="case files (default: bundled corpus)")
+    conf.add_argument("--random", type=int, default=0, metavar="N", help="N random requests per command")
+    conf.add_argument("--seed", type=int, default=1)
+    conf.add_argument("--commands", default="", help="comma-separated subset of commands")
+    conf.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hsmproxy`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if args.command == "emulator":
+        from emulator.app import run_emulator
+
+        host, port = args.listen
+        return run_emulator(host, port, args.header_length, args.lmk_file)
+    if args.command == "conformance":
+        from conformance.runner import run_conformance
+
+        return run_conformance(
+            reference=args.reference,
+            target=args.target,
+            header_length=args.header_length,
+            cases_dir=args.cases,
+            random_count=args.random,
+            seed=args.seed,
+            commands=[c for c in args.commands.split(",") if c],
+            as_json=args.json,
+        )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
