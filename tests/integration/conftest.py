@@ -1,0 +1,106 @@
+"""Fixtures that run an emulator on a loopback port in a background thread, and stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from emulator.app import build_state
+from emulator.hsm import EmulatorHsm
+from emulator.server import HostCommandProtocol
+from protocols.framing import Framer, encode_frame
+
+
+@dataclass
+class RunningEmulator:
+    """An emulator listening on 127.0.0.1:port."""
+
+    host: str
+    port: int
+    hsm: EmulatorHsm
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[RunningEmulator]:
+    """A session-wide emulator (header length 4, test LMKs) on an ephemeral loopback port."""
+    hsm = EmulatorHsm(build_state(header_length=4))
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, object] = {}
+
+    async def main() -> None:
+        server = await loop.create_server(lambda: HostCommandProtocol(hsm), "127.0.0.1", 0)
+        holder["server"] = server
+        holder["port"] = server.sockets[0].getsockname()[1]
+        started.set()
+        async with server:
+            await server.serve_forever()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(main())
+        holder["task"] = task
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="emulator", daemon=True)
+    thread.start()
+    assert started.wait(10), "emulator did not start"
+    port = holder["port"]
+    assert isinstance(port, int)
+    yield RunningEmulator("127.0.0.1", port, hsm)
+    task = holder["task"]
+    assert isinstance(task, asyncio.Task)
+    loop.call_soon_threadsafe(task.cancel)
+    thread.join(10)
+
+
+class HsmClient:
+    """A blocking test client: frames requests, returns response payloads."""
+
+    def __init__(self, host: str, port: int, header: bytes = b"0000") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.header = header
+        self.framer = Framer(65535)
+        self.pending: list[bytes] = []
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are."""
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes:
+        """Next response payload."""
+        while not self.pending:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.pending += self.framer.feed(chunk)
+        return self.pending.pop(0)
+
+    def call(self, command: bytes) -> bytes:
+        """Send header + command, return the response without the header."""
+        self.sock.sendall(encode_frame(self.header + command))
+        resp = self.recv()
+        assert resp[: len(self.header)] == self.header
+        return resp[len(self.header) :]
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+@pytest.fixture
+def client(emulator: RunningEmulator) -> Iterator[HsmClient]:
+    """A connected client of the session emulator."""
+    c = HsmClient(emulator.host, emulator.port)
+    yield c
+    c.close()
