@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from emulator.crypto.keyblock import KeyBlockLmk
-from emulator.crypto.lmk import TEST_LMK, load_lmk_file
+from emulator.crypto.lmk import TEST_LMK, VariantLmk, load_lmk_file
 from emulator.hsm import EmulatorHsm
 from emulator.server import serve
 from emulator.state import EmulatorState
@@ -28,10 +28,10 @@ def build_state(header_length: int = 4, lmk_files: Sequence[str] = ()) -> Emulat
         for lmk_id, lmk in load_lmk_file(path).items():
             if lmk_id in state.variant_lmks or lmk_id in state.keyblock_lmks:
                 raise ValueError(f"LMK id {lmk_id} is loaded twice")
-            if hasattr(lmk, "pair"):
-                state.variant_lmks[lmk_id] = lmk  # type: ignore[assignment]
+            if isinstance(lmk, VariantLmk):
+                state.variant_lmks[lmk_id] = lmk
             else:
-                state.keyblock_lmks[lmk_id] = lmk  # type: ignore[assignment]
+                state.keyblock_lmks[lmk_id] = lmk
     return state
 
 

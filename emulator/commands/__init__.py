@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from emulator.commands import diag
+from emulator.commands import card, data, diag, emv, keys, mac, pin, rsa
 from emulator.hsm import Handler
 
 HANDLERS: dict[str, Handler] = {}
-for _family in (diag,):
+for _family in (diag, keys, pin, card, data, mac, emv, rsa):
     HANDLERS.update(_family.HANDLERS)

@@ -1,0 +1,7 @@
+"""Emulator command family: emv (handlers land here)."""
+
+from __future__ import annotations
+
+from emulator.hsm import Handler
+
+HANDLERS: dict[str, Handler] = {}
