@@ -399,11 +399,19 @@ class When(Field):
     negate: bool = False
 
     def applies(self, current: Mapping[str, str | bytes], ctx: Mapping[str, str | bytes]) -> bool:
-        """True when the condition holds for the values parsed so far (or the context)."""
-        v = current.get(self.field_name, ctx.get(self.field_name))
-        if isinstance(v, bytes):
-            v = v.decode("latin-1")
-        hit = v in self.values
+        """True when the condition holds for the values parsed so far (or the context).
+
+        ``field_name`` may name several fields separated by ``|``: the condition holds when any
+        of them has one of ``values``.
+        """
+        hit = False
+        for name in self.field_name.split("|"):
+            v = current.get(name, ctx.get(name))
+            if isinstance(v, bytes):
+                v = v.decode("latin-1")
+            if v in self.values:
+                hit = True
+                break
         return hit != self.negate
 
     def parse(self, data: bytes, pos: int, out: Values, ctx: Mapping[str, str | bytes]) -> int:

@@ -75,6 +75,29 @@ def _pin_block(name: str, key_field: str) -> ByKeyAlgorithm:
     return ByKeyAlgorithm(name, key_field, tdes_length=16, aes_length=32, error="20")
 
 
+def _account(format_fields: str) -> When:
+    """The account number: 12 digits, or for ISO format 4 (``48``) the full PAN, length-prefixed.
+
+    payShield's 12-digit account field cannot carry the full PAN that ISO 9564-1 format 4 binds
+    to, so when one of ``format_fields`` (``|``-separated) is ``48`` hsmproxy takes
+    ``PAN length 2N + PAN`` in its place (README: "ISO format 4 account field").
+    """
+    return When(
+        format_fields,
+        _one("48"),
+        (Fixed("pan_length", 2, NUM, error="15"), Counted("pan", "pan_length", base=10, error="15")),
+    )
+
+
+def _account12(format_fields: str) -> When:
+    return When(format_fields, _one("48"), (Fixed("account", 12, NUM, error="15"),), negate=True)
+
+
+def ACCOUNT_FOR(format_fields: str) -> tuple[When, When]:  # noqa: N802 - reads as a field kind
+    """Account field for a command whose PIN block format(s) are ``format_fields``."""
+    return (_account12(format_fields), _account(format_fields))
+
+
 ACCOUNT: Final = Fixed("account", 12, NUM, error="15")
 PIN_FORMAT_ERROR: Final = "23"
 #: PIN under LMK: hsmproxy's own encoding, 16 hex (see README "PIN under LMK").
@@ -209,7 +232,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             _pin_block("pin_block", "tpk"),
             Fixed("source_format", 2, NUM, error=PIN_FORMAT_ERROR),
             Fixed("destination_format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("source_format|destination_format"),
             LMK_ID,
         ),
         (Fixed("pin_length", 2, NUM), _pin_block("pin_block", "zpk"), Fixed("destination_format", 2, NUM)),
@@ -224,7 +247,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             _pin_block("pin_block", "source_zpk"),
             Fixed("source_format", 2, NUM, error=PIN_FORMAT_ERROR),
             Fixed("destination_format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("source_format|destination_format"),
             LMK_ID,
         ),
         (
@@ -243,7 +266,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             ByKeyAlgorithm("ksn", "bdk", tdes_length=20, aes_length=24),
             _pin_block("pin_block", "bdk"),
             Fixed("destination_format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("destination_format"),
             LMK_ID,
         ),
         (Fixed("pin_length", 2, NUM), _pin_block("pin_block", "zpk"), Fixed("destination_format", 2, NUM)),
@@ -259,7 +282,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             _pin_block("pin_block", "bdk"),
             Fixed("source_format", 2, NUM, error=PIN_FORMAT_ERROR),
             Fixed("destination_format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("source_format|destination_format"),
             LMK_ID,
         ),
         (Fixed("pin_length", 2, NUM), _pin_block("pin_block", "zpk"), Fixed("destination_format", 2, NUM)),
@@ -278,7 +301,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("tpk"),
             _pin_block("pin_block", "tpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             LMK_ID,
         ),
         (Fixed("pin_lmk", PIN_LMK_LENGTH, HEX),),
@@ -290,7 +313,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("zpk"),
             _pin_block("pin_block", "zpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             LMK_ID,
         ),
         (Fixed("pin_lmk", PIN_LMK_LENGTH, HEX),),
@@ -301,7 +324,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         (
             Key("zpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             Fixed("pin_lmk", PIN_LMK_LENGTH, HEX, error="14"),
             LMK_ID,
         ),
@@ -318,7 +341,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             _pin_block("pin_block", "tpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
             Fixed("check_length", 2, NUM, error="15"),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             Fixed("decimalisation_table", 16, HEX, error="25"),
             Fixed("validation_data", 12, ALNUM),
             Fixed("offset", 12, ALNUM),
@@ -336,7 +359,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             _pin_block("pin_block", "zpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
             Fixed("check_length", 2, NUM, error="15"),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             Fixed("decimalisation_table", 16, HEX, error="25"),
             Fixed("validation_data", 12, ALNUM),
             Fixed("offset", 12, ALNUM),
@@ -352,7 +375,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("pvk"),
             _pin_block("pin_block", "tpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             Fixed("pvki", 1, NUM),
             Fixed("pvv", 4, NUM),
             LMK_ID,
@@ -367,7 +390,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("pvk"),
             _pin_block("pin_block", "zpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             Fixed("pvki", 1, NUM),
             Fixed("pvv", 4, NUM),
             LMK_ID,
@@ -423,7 +446,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("pvk"),
             _pin_block("pin_block", "pin_key"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            ACCOUNT,
+            *ACCOUNT_FOR("format"),
             Fixed("pvki", 1, NUM),
             LMK_ID,
         ),

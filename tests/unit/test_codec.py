@@ -76,10 +76,12 @@ def test_format_code_errors_use_23() -> None:
 def test_aes_key_block_makes_the_pin_block_32_hex() -> None:
     block = "S10096P0AE00E0000" + "A" * 80  # header says 96 characters in all
     assert len(block) == 97
-    body = f"{block}{ZPK_A}12{'F' * 32}4848{'1' * 12}".encode()
+    body = f"{block}{ZPK_A}12{'F' * 32}484816{'4' * 16}".encode()
     v = parse(COMMANDS["CC"].request, body).values
     assert v["source_zpk"] == block
     assert v["pin_block"] == "F" * 32
+    assert v["pan"] == b"4" * 16  # ISO format 4 carries the full PAN, length-prefixed
+    assert "account" not in v
 
 
 def test_counted_messages_and_binary_fields() -> None:
