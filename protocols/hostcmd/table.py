@@ -197,7 +197,11 @@ _SPECS: tuple[CommandSpec, ...] = (
             Fixed("key_type_code", 2, HEX, error="04"),
             Fixed("key_length_flag", 1, NUM, error="05"),
             Key("key"),
-            Opt(b";", (Fixed("key_type", 3, ALNUM, error="04"),)),
+            When(
+                "key_type_code",
+                _one("FF"),
+                (Literal(b";", error="04"), Fixed("key_type", 3, ALNUM, error="04")),
+            ),
             Opt(b";", (Fixed("reserved", 1, NUM), Fixed("kcv_type", 1, NUM))),
             LMK_ID,
         ),
