@@ -106,6 +106,8 @@ def resolve_key(
         return ClearKey(key, "A" if header.algorithm == "A" else "T", header)
     if value.startswith("R"):
         raise CryptoError("26", "a TR-31 key block is not a key under LMK")
+    if len(value) == 32 and value[0] not in "UTXYZ":
+        value = "X" + value  # a legacy untagged pair: two halves, each ECB under the LMK variant
     key = decrypt_key_under_lmk(variant_lmk(state, v), key_type, value)
     if not _odd_parity(key):
         raise CryptoError(parity_error, "key parity error")

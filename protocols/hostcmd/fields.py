@@ -145,7 +145,8 @@ class Binary(Field):
 class Key(Field):
     """A key: optional scheme tag then hex, or a key block (``S``/``R``) carrying its own length.
 
-    The value keeps the scheme tag, e.g. ``"U0123…"``; a key with no tag is 16 hex characters.
+    The value keeps the scheme tag, e.g. ``"U0123…"``; a key with no tag is 16 hex characters
+    (32 for the legacy double-length pairs some commands take untagged, e.g. CVK A + CVK B).
     Key blocks: the 16-character header after the tag gives the block length in characters
     (positions 1-4, decimal, excluding the tag).
     """
@@ -154,6 +155,8 @@ class Key(Field):
     error: str = "15"
     schemes: str = "ZUTXYSR"
     allow_untagged: bool = True
+    #: Hex length of an untagged key: 16, or 32 for legacy key pairs (CVK A+B, Visa PVK pair).
+    untagged_length: int = 16
 
     def parse(self, data: bytes, pos: int, out: Values, ctx: Mapping[str, str | bytes]) -> int:
         if pos >= len(data):
@@ -180,7 +183,7 @@ class Key(Field):
         elif data[pos] in HEX_ANYCASE:
             if not self.allow_untagged:
                 raise ParseError("26", self.name, "key scheme required")
-            n = 16
+            n = self.untagged_length
             start = pos
         else:
             raise ParseError("26", self.name, "invalid key scheme")

@@ -376,7 +376,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "Verify a terminal PIN (Visa PVV)",
         (
             Key("tpk"),
-            Key("pvk"),
+            Key("pvk", untagged_length=32),
             _pin_block("pin_block", "tpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
             *ACCOUNT_FOR("format"),
@@ -391,7 +391,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "Verify an interchange PIN (Visa PVV)",
         (
             Key("zpk"),
-            Key("pvk"),
+            Key("pvk", untagged_length=32),
             _pin_block("pin_block", "zpk"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
             *ACCOUNT_FOR("format"),
@@ -433,7 +433,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "DG",
         "Generate a Visa PVV from a PIN under LMK",
         (
-            Key("pvk"),
+            Key("pvk", untagged_length=32),
             Fixed("pin_lmk", PIN_LMK_LENGTH, HEX, error="14"),
             ACCOUNT,
             Fixed("pvki", 1, NUM),
@@ -447,7 +447,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         (
             Fixed("key_type", 3, ALNUM, error="04"),
             Key("pin_key"),
-            Key("pvk"),
+            Key("pvk", untagged_length=32),
             _pin_block("pin_block", "pin_key"),
             Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
             *ACCOUNT_FOR("format"),
@@ -461,7 +461,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "CW",
         "Generate a card verification value",
         (
-            Key("cvk"),
+            Key("cvk", untagged_length=32),
             Delimited("pan", 19, 1, b";", NUM),
             Literal(b";"),
             Fixed("expiry", 4, NUM),
@@ -474,7 +474,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "CY",
         "Verify a card verification value",
         (
-            Key("cvk"),
+            Key("cvk", untagged_length=32),
             Fixed("cvv", 3, NUM),
             Delimited("pan", 19, 1, b";", NUM),
             Literal(b";"),

@@ -56,7 +56,7 @@ def test_cw_key_block_cvk_and_x_scheme(client: HsmClient) -> None:
     ("request_", "code"),
     [
         (b"CW" + cvk_lmk(PSEC_CVK) + b"2222222222222222;3333111", b"10"),  # even parity
-        (b"CW" + cvk_lmk(CVK[:8], "") + b"4123456789012345;8701101", b"27"),  # single length
+        (b"CW" + cvk_lmk(CVK[:8], "Z") + b"4123456789012345;8701101", b"27"),  # single length (Z)
         (b"CW" + cvk_lmk(CVK + CVK[:8], "T") + b"4123456789012345;8701101", b"27"),  # triple length
         (b"CW" + b"U" + b"G" * 32 + b"4123456789012345;8701101", b"15"),  # key not hex
         (b"CW" + cvk_lmk(CVK) + b"4123456789012345;8701101%99", b"13"),
@@ -72,3 +72,13 @@ def test_cy_error_paths(client: HsmClient) -> None:
     assert client.call(b"CY" + cvk_lmk(PSEC_CVK) + b"3612222222222222222;3333111") == b"CZ10"
     assert client.call(b"CY" + cvk_lmk(CVK) + b"561" + b"4123456789012345;8701101%99") == b"CZ13"
     assert client.call(b"CY" + cvk_lmk(CVK) + b"561" + b"4123456789012345;8701101") == b"CZ00"
+
+
+def test_cw_accepts_a_legacy_untagged_cvk_pair(client: HsmClient) -> None:
+    """CVK A and CVK B as two untagged 16-hex cryptograms, each single-length under the LMK."""
+    from emulator.crypto.lmk import TEST_LMK, encrypt_key_under_lmk
+
+    cvk_a = encrypt_key_under_lmk(TEST_LMK, "402", "", bytes.fromhex("0123456789ABCDEF"))
+    cvk_b = encrypt_key_under_lmk(TEST_LMK, "402", "", bytes.fromhex("FEDCBA9876543210"))
+    assert client.call(f"CW{cvk_a}{cvk_b}4123456789012345;8701101".encode()) == b"CX00561"
+    assert client.call(f"CY{cvk_a}{cvk_b}5614123456789012345;8701101".encode()) == b"CZ00"

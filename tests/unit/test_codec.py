@@ -33,10 +33,11 @@ def test_trailer_and_lmk_id_tail() -> None:
 
 
 def test_untagged_single_and_x917_keys() -> None:
-    parsed = parse(
-        COMMANDS["CW"].request, b"0123456789ABCDEF" + b"FEDCBA9876543210"[:0] + b"4123456789012345;8701101"
-    )
-    assert parsed.values["cvk"] == "0123456789ABCDEF"
+    # CW takes an untagged CVK as the legacy pair CVK A + CVK B (32 hex); CC takes 16-hex single keys.
+    parsed = parse(COMMANDS["CW"].request, b"0123456789ABCDEFFEDCBA9876543210" + b"4123456789012345;8701101")
+    assert parsed.values["cvk"] == "0123456789ABCDEFFEDCBA9876543210"
+    cc = parse(COMMANDS["CC"].request, f"{'1' * 16}{ZPK_A}12{'0' * 16}0101{'1' * 12}".encode())
+    assert cc.values["source_zpk"] == "1" * 16
     assert parsed.values["pan"] == "4123456789012345"
     parsed = parse(COMMANDS["CW"].request, b"X" + b"AB" * 16 + b"4999988887777;9105111")
     assert parsed.values["cvk"] == "X" + "AB" * 16
