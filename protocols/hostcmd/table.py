@@ -603,6 +603,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             LMK_ID,
         ),
         (
+            Binary("mac", 4),
             Der("public_key"),
             Fixed("private_key_length", 4, NUM),
             Counted("private_key", "private_key_length", base=10),
