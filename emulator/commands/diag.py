@@ -21,8 +21,12 @@ def nc(state: EmulatorState, v: Values) -> Reply:
     if lmk is None:
         if lmk_id in state.keyblock_lmks:
             kb = state.keyblock_lmks[lmk_id]
-            return Reply(values={"lmk_check": kb.check_value().hex().upper().ljust(16, "0")[:16],
-                                 "firmware": state.firmware})
+            return Reply(
+                values={
+                    "lmk_check": kb.check_value().hex().upper().ljust(16, "0")[:16],
+                    "firmware": state.firmware,
+                }
+            )
         raise CryptoError("13", "unknown LMK identifier")
     return Reply(values={"lmk_check": kcv_tdes(lmk.pair("00")).hex().upper(), "firmware": state.firmware})
 

@@ -46,6 +46,8 @@ from protocols.hostcmd.fields import Values
 SCHEME_LENGTH = {"0": 8, "Z": 8, "U": 16, "X": 16, "T": 24, "Y": 24}
 #: Key type (pair code) -> TR-31 usage used when exporting as ``R``.
 TR31_USAGE = {"00": "K0", "01": "P0", "02": "P0", "03": "M3", "08": "M3", "09": "B0", "0A": "D0", "0B": "D0"}
+#: A0 key-block algorithm (2 characters after ``#``) -> key length in bytes.
+KB_ALGORITHM_LENGTH = {"D1": 8, "T2": 16, "T3": 24, "A1": 16, "A2": 24, "A3": 32}
 #: BU key-length flag -> clear key length.
 LENGTH_FLAG = {"0": 8, "1": 16, "2": 24}
 
@@ -120,7 +122,7 @@ def _under_lmk(state: EmulatorState, v: Values, key_type: str, scheme: str, key:
         header = KeyBlockHeader(
             version=lmk.version,
             usage=text(v, "kb_usage", TR31_USAGE.get(pair, "K0")),
-            algorithm=text(v, "kb_algorithm", key.algorithm),
+            algorithm=text(v, "kb_algorithm", key.algorithm)[:1],
             mode_of_use=text(v, "kb_mode_of_use", "N"),
             key_version=text(v, "kb_version", "00"),
             exportability=text(v, "kb_exportability", "E"),
@@ -151,13 +153,14 @@ def a0(state: EmulatorState, v: Values) -> Reply:
     _check_key_type(key_type)
     scheme = text(v, "key_scheme_lmk")
     if scheme == "S":
-        algorithm = text(v, "kb_algorithm", "T")
-        if algorithm == "A":
-            clear = ClearKey(secrets.token_bytes(16), "A")
-        elif algorithm in ("T", "D"):
-            clear = ClearKey(_random_des_key(16 if algorithm == "T" else 8), "T")
-        else:
+        algorithm = text(v, "kb_algorithm", "T2")
+        length = KB_ALGORITHM_LENGTH.get(algorithm)
+        if length is None:
             raise CryptoError("A7", "unsupported key block algorithm")
+        if algorithm[0] == "A":
+            clear = ClearKey(secrets.token_bytes(length), "A")
+        else:
+            clear = ClearKey(_random_des_key(length), "T")
     else:
         if scheme not in SCHEME_LENGTH:
             raise CryptoError("26", "invalid key scheme (LMK)")
@@ -196,7 +199,8 @@ def a8(state: EmulatorState, v: Values) -> Reply:
 def bu(state: EmulatorState, v: Values) -> Reply:
     """BU: check value of a key under the LMK (16 hex, or 6 with KCV type 1)."""
     code = text(v, "key_type_code").upper()
-    key_type = text(v, "key_type") if code == "FF" else "0" + code
+    # The 2-character code is the 3-character key type without its middle digit (42 = 402).
+    key_type = text(v, "key_type") if code == "FF" else code[0] + "0" + code[1]
     if code == "FF" and "key_type" not in v:
         raise CryptoError("04", "key type FF needs the 3-character key type")
     length = LENGTH_FLAG.get(text(v, "key_length_flag"))

@@ -2,7 +2,7 @@
 
 EI request: key type indicator 1 (``0``-``4``) + modulus length 4 (bits, 1024-4096, a multiple of 8;
 payShield's 320-1023 answer ``15``: ``cryptography`` does not generate them) + public key encoding
-2 [+ exponent length 4 (**bytes**, hsmproxy) + exponent (binary, 3 or 65537; default 65537)].
+2 [+ exponent length 4 (in bits, as payShield) + exponent (binary, 3 or 65537; default 65537)].
 EI response: MAC 4 bytes + public key (DER PKCS#1 RSAPublicKey) + private key length 4 + private key
 under LMK (:func:`emulator.crypto.rsa.encrypt_private_key_under_lmk`).
 

@@ -141,7 +141,5 @@ def legacy_tdes() -> Iterator[None]:
     warnings are ignored, and only inside the ``with`` block.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*TripleDES", category=CryptographyDeprecationWarning
-        )
+        warnings.filterwarnings("ignore", message=".*TripleDES", category=CryptographyDeprecationWarning)
         yield

@@ -164,9 +164,7 @@ def aes_transaction_key(bdk: bytes, ksn: bytes) -> bytes:
     return key
 
 
-def aes_working_key(
-    bdk: bytes, ksn: bytes, usage: str, key_type: AesKeyType | None = None
-) -> bytes:
+def aes_working_key(bdk: bytes, ksn: bytes, usage: str, key_type: AesKeyType | None = None) -> bytes:
     """Return the working key for ``usage`` (a name in :data:`AES_KEY_USAGES`).
 
     ``key_type`` defaults to the BDK's own type (AES-128 for a 16-byte BDK).

@@ -71,9 +71,7 @@ def derive_common_session_key(icc_mk: bytes, r: bytes) -> bytes:
         return bytes(kd.derive_common_sk(icc_mk, r))
 
 
-def generate_arqc(
-    session_key: bytes, data: bytes, *, padding: Literal["emv", "visa"] = "emv"
-) -> bytes:
+def generate_arqc(session_key: bytes, data: bytes, *, padding: Literal["emv", "visa"] = "emv") -> bytes:
     """Return the 8-byte application cryptogram over ``data``."""
     _check_double(session_key)
     padding_type = _PADDING.get(padding)

@@ -195,9 +195,7 @@ def _mac(lmk: KeyBlockLmk, kbak: bytes, authenticated: bytes) -> bytes:
     return cbc_mac(kbak, authenticated)[:4]
 
 
-def wrap_key_block(
-    lmk: KeyBlockLmk, header: KeyBlockHeader, key: bytes, *, pad: bytes | None = None
-) -> str:
+def wrap_key_block(lmk: KeyBlockLmk, header: KeyBlockHeader, key: bytes, *, pad: bytes | None = None) -> str:
     """Wrap ``key`` into a Thales key block (without the leading ``S``).
 
     ``pad`` fixes the random padding (tests); it must have the exact length

@@ -259,9 +259,7 @@ def split_key_scheme(value: str) -> tuple[str, str]:
     return scheme, hex_part
 
 
-def decrypt_under_lmk_pair(
-    pair: bytes, variant: int, value: str, *, check_parity: bool = False
-) -> bytes:
+def decrypt_under_lmk_pair(pair: bytes, variant: int, value: str, *, check_parity: bool = False) -> bytes:
     """Decrypt a key field ``[scheme] hex`` under an LMK pair.
 
     With ``check_parity`` a clear key without odd parity raises ``10``.
@@ -287,18 +285,14 @@ def encrypt_key_under_lmk(lmk: VariantLmk, key_type: str, scheme: str, clear: by
     return encrypt_under_lmk_pair(lmk.pair(pair_code), variant, scheme, clear)
 
 
-def decrypt_key_under_lmk(
-    lmk: VariantLmk, key_type: str, value: str, *, check_parity: bool = False
-) -> bytes:
+def decrypt_key_under_lmk(lmk: VariantLmk, key_type: str, value: str, *, check_parity: bool = False) -> bytes:
     """Decrypt a key field ``[scheme] hex`` of key type ``VPP`` under ``lmk``.
 
     The key length follows from the scheme. With ``check_parity`` a key
     without odd parity raises ``10``.
     """
     pair_code, variant = parse_key_type(key_type)
-    return decrypt_under_lmk_pair(
-        lmk.pair(pair_code), variant, value, check_parity=check_parity
-    )
+    return decrypt_under_lmk_pair(lmk.pair(pair_code), variant, value, check_parity=check_parity)
 
 
 # --- LMK files ---------------------------------------------------------------

@@ -287,6 +287,8 @@ class Counted(Field):
     scale_values: frozenset[str] = frozenset()
     error: str = "15"
     max_length: int = 32000
+    #: The length field counts bits (EI's public exponent length): bytes = ceil(bits / 8).
+    bits: bool = False
 
     def wire_length(self, values: Mapping[str, str | bytes], ctx: Mapping[str, str | bytes]) -> int:
         """Number of wire bytes the message occupies, from the length field."""
@@ -298,6 +300,8 @@ class Counted(Field):
             n = int(text, self.base)
         except ValueError:
             raise ParseError(self.error, self.name, "invalid length") from None
+        if self.bits:
+            n = (n + 7) // 8
         if self.scale_field:
             sv = values.get(self.scale_field, ctx.get(self.scale_field))
             if isinstance(sv, bytes):
@@ -443,9 +447,11 @@ class Present(Field):
     """
 
     fields: tuple[Field, ...]
+    #: Bytes that, found at this point, mean the optional fields are absent (e.g. ``%#&``).
+    stops: bytes = b""
 
     def parse(self, data: bytes, pos: int, out: Values, ctx: Mapping[str, str | bytes]) -> int:
-        if pos >= len(data) or data[pos] == TRAILER_START:
+        if pos >= len(data) or data[pos] == TRAILER_START or data[pos] in self.stops:
             return pos
         for f in self.fields:
             pos = f.parse(data, pos, out, ctx)

@@ -55,7 +55,19 @@ KEY_BLOCK_ATTRIBUTES: Final = Opt(
     b"#",
     (
         Fixed("kb_usage", 2, ALNUM, error="A5"),
-        Fixed("kb_algorithm", 1, ALNUM, error="A6"),
+        Fixed("kb_algorithm", 2, ALNUM, error="A6"),
+        Fixed("kb_mode_of_use", 1, ALNUM, error="A7"),
+        Fixed("kb_version", 2, ALNUM, error="A8"),
+        Fixed("kb_exportability", 1, ALNUM, error="A9"),
+        Fixed("kb_optional_blocks", 2, NUM, error="AB"),
+    ),
+)
+
+#: Key-block attributes after ``#`` when importing a variant key as a key block (A6): no algorithm.
+IMPORT_KEY_BLOCK_ATTRIBUTES: Final = Opt(
+    b"#",
+    (
+        Fixed("kb_usage", 2, ALNUM, error="A5"),
         Fixed("kb_mode_of_use", 1, ALNUM, error="A7"),
         Fixed("kb_version", 2, ALNUM, error="A8"),
         Fixed("kb_exportability", 1, ALNUM, error="A9"),
@@ -129,6 +141,7 @@ _SPECS: tuple[CommandSpec, ...] = (
                     Fixed("reserved_2", 4, PRINT),
                 ),
             ),
+            When("mode", _one("01"), (Fixed("pci_compliance", 1, NUM), Fixed("reserved_3", 10, PRINT))),
         ),
     ),
     CommandSpec(
@@ -173,7 +186,7 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("key_zmk"),
             Fixed("key_scheme_lmk", 1, ALNUM, error="26"),
             LMK_ID,
-            KEY_BLOCK_ATTRIBUTES,
+            IMPORT_KEY_BLOCK_ATTRIBUTES,
         ),
         (Key("key_lmk"), Fixed("kcv", 6, HEX)),
     ),
@@ -202,7 +215,7 @@ _SPECS: tuple[CommandSpec, ...] = (
                 _one("FF"),
                 (Literal(b";", error="04"), Fixed("key_type", 3, ALNUM, error="04")),
             ),
-            Opt(b";", (Fixed("reserved", 1, NUM), Fixed("kcv_type", 1, NUM))),
+            Opt(b";", (Fixed("reserved", 2, NUM), Fixed("kcv_type", 1, NUM))),
             LMK_ID,
         ),
         (Delimited("kcv", 16, 6, b"", HEX),),
@@ -566,7 +579,8 @@ _SPECS: tuple[CommandSpec, ...] = (
             Key("key"),
             When("block_number", _one("2", "3"), (Fixed("iv", 16, HEX),)),
             Fixed("message_length", 4, HEX, error="80"),
-            Counted("message", "message_length"),
+            # MS counts bytes: a hex-encoded message (type 1) is twice as many characters.
+            Counted("message", "message_length", scale_field="message_type", scale_values=_one("1")),
             LMK_ID,
         ),
         (Fixed("mab", 16, HEX),),
@@ -582,9 +596,12 @@ _SPECS: tuple[CommandSpec, ...] = (
             Binary("pan_psn", 8),
             Binary("atc", 2),
             Binary("unpredictable_number", 4),
-            Fixed("data_length", 2, HEX, error="80"),
-            Counted("data", "data_length"),
-            Literal(b";"),
+            When(
+                "mode",
+                _one("2"),
+                (Fixed("data_length", 2, HEX, error="80"), Counted("data", "data_length"), Literal(b";")),
+                negate=True,
+            ),
             Binary("arqc", 8),
             When("mode", _one("1", "2"), (Binary("arc", 2),)),
             LMK_ID,
@@ -599,7 +616,13 @@ _SPECS: tuple[CommandSpec, ...] = (
             Fixed("key_type_indicator", 1, NUM),
             Fixed("modulus_length", 4, NUM),
             Fixed("public_key_encoding", 2, NUM),
-            Present((Fixed("exponent_length", 4, NUM), Counted("exponent", "exponent_length", base=10))),
+            Present(
+                (
+                    Fixed("exponent_length", 4, NUM),
+                    Counted("exponent", "exponent_length", base=10, bits=True),
+                ),
+                stops=b"%#&",
+            ),
             LMK_ID,
         ),
         (

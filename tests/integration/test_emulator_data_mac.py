@@ -215,7 +215,7 @@ def test_ms_split_message_gives_the_whole_message_mac(client: HsmClient) -> None
     assert last == b"MT009CCC78173FC4FB64"
     # hex message type, ZAK
     zak = _tak(MAC_RESP_KEY, "008")
-    assert client.call(b"MS0111" + zak + b"0022" + DUKPT_DATA.hex().encode()) == b"MT0020364223C1FF00FA"
+    assert client.call(b"MS0111" + zak + b"0011" + DUKPT_DATA.hex().encode()) == b"MT0020364223C1FF00FA"
     # single-length key: X9.9 (VECTORS.md section 9)
     single = _tak(bytes.fromhex("E9CB01B93B20914F"))
     data = bytes.fromhex("676976656D65534F4D454D4143696E67")

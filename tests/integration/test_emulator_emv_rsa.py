@@ -33,6 +33,8 @@ def _pan_psn(pan: str) -> bytes:
 
 def _kq(mode: bytes, scheme: bytes, pan: str, arqc: bytes, arc: bytes = b"") -> bytes:
     head = b"KQ" + mode + scheme + MK_LMK + _pan_psn(pan) + ATC + UN
+    if mode == b"2":  # ARPC only: no transaction data, no delimiter
+        return head + arqc + arc
     return head + b"%02X" % len(DATA) + DATA + b";" + arqc + arc
 
 
@@ -152,8 +154,8 @@ def test_rsa_error_paths(client: HsmClient) -> None:
     assert client.call(b"EI21025" + b"01") == b"EJ15"  # not a multiple of 8
     assert client.call(b"EI21024" + b"03") == b"EJ15"  # encoding
     assert client.call(b"EI91024" + b"01") == b"EJ15"  # key type indicator
-    assert client.call(b"EI2102401" + b"0003" + bytes.fromhex("000011")) == b"EJ15"  # exponent 17
-    resp = client.call(b"EI2102401" + b"0001" + b"\x03")  # exponent 3
+    assert client.call(b"EI2102401" + b"0005" + b"\x11") == b"EJ15"  # exponent 17 (length in bits)
+    resp = client.call(b"EI2102401" + b"0002" + b"\x03")  # exponent 3
     assert resp[:4] == b"EJ00"
     blob = _ei(client, 1024)[2]
     assert client.call(_ew(blob, b"m", b"09")) == b"EX15"

@@ -51,16 +51,16 @@ def test_a0_generates_under_lmk_and_zmk_consistently(client: HsmClient) -> None:
         assert kcv == bytes(psec.des.generate_kcv(clear, 3)).hex().upper().encode()
     assert all(bin(b).count("1") % 2 for b in clear)
     # BU gives the same check value, 6 hex with KCV type 1 and 16 hex by default.
-    assert client.call(b"BU011" + key_lmk.encode() + b";01") == b"BV00" + kcv
+    assert client.call(b"BU011" + key_lmk.encode() + b";001") == b"BV00" + kcv
     assert client.call(b"BU011" + key_lmk.encode())[4:10] == kcv
 
 
 def test_a0_key_block(client: HsmClient) -> None:
-    resp = client.call(b"A00FFFS%01#72TN00E00")
+    resp = client.call(b"A00FFFS%01#72T2N00E00")
     assert resp[:4] == b"A100"
     block = resp[4:-6].decode()
     assert block.startswith("S1") and block[6:10] == "72TN"
-    resp = client.call(b"BUFF1" + block.encode() + b";FFF;01%01")
+    resp = client.call(b"BUFF1" + block.encode() + b";FFF;001%01")
     assert resp[:4] == b"BV00" and len(resp) == 10
 
 
