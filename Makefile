@@ -7,11 +7,32 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck unit deps softhsm emulator clean
+NODES := node-a node-b
 
-## run: start hsmproxy on its embedded defaults (until the proxy lands: the reference emulator)
-run: deps softhsm
+.PHONY: run test lint typecheck unit deps softhsm emulator var clean
+
+## run: start hsmproxy on its embedded defaults (config.toml: two SoftHSM2 nodes under ./var)
+run: deps softhsm var
+	$(BIN)/hsmproxy serve --config config.toml
+
+## emulator: start the reference emulator on 127.0.0.1:1501
+emulator: deps
 	$(BIN)/hsmproxy emulator --listen 127.0.0.1:1501 --header-length 4
+
+## var: create the dev SoftHSM2 tokens, their PIN files and the test LMKs (idempotent)
+var: deps softhsm
+	@for n in $(NODES); do \
+	  mkdir -p var/$$n/tokens; \
+	  [ -f var/$$n/softhsm2.conf ] || printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
+	    "$(CURDIR)/var/$$n/tokens" > var/$$n/softhsm2.conf; \
+	  [ -s var/$$n/pin ] || (umask 077; od -An -N8 -tx1 /dev/urandom | tr -d ' \n' > var/$$n/pin); \
+	  if ! SOFTHSM2_CONF=var/$$n/softhsm2.conf softhsm2-util --show-slots | grep -q "Label: *$$n *$$"; then \
+	    SOFTHSM2_CONF=var/$$n/softhsm2.conf softhsm2-util --init-token --free --label $$n \
+	      --pin "$$(cat var/$$n/pin)" --so-pin "$$(cat var/$$n/pin)" >/dev/null; \
+	    rm -f var/.lmk-loaded; \
+	  fi; \
+	done
+	@[ -f var/.lmk-loaded ] || { $(BIN)/hsmproxy lmk load --all --test --config config.toml && touch var/.lmk-loaded; }
 
 ## test: lint, type-check and run the whole test suite
 test: deps softhsm lint typecheck unit

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 from contextlib import suppress
+from typing import cast
 
 from emulator.hsm import EmulatorHsm
 from protocols.framing import FrameError, Framer, encode_frame
@@ -30,8 +31,7 @@ class HostCommandProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Remember the transport."""
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         """Frame the bytes and answer each complete command."""

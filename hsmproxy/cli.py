@@ -39,6 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra LMKs from a component file (repeatable)",
     )
 
+    srv = sub.add_parser("serve", help="run the proxy")
+    srv.add_argument("--config", default="config.toml", metavar="PATH")
+
+    chk = sub.add_parser("check", help="validate a config file")
+    chk.add_argument("--config", default="config.toml", metavar="PATH")
+
+    lmk = sub.add_parser("lmk", help="LMK ceremony: load and list LMKs on nodes")
+    lmk_sub = lmk.add_subparsers(dest="lmk_command", required=True)
+    load = lmk_sub.add_parser("load", help="create an LMK's objects on node tokens")
+    load.add_argument("--config", default="config.toml", metavar="PATH")
+    target = load.add_mutually_exclusive_group(required=True)
+    target.add_argument("--node", metavar="NAME")
+    target.add_argument("--all", action="store_true")
+    load.add_argument(
+        "--id", dest="lmk_id", metavar="NN", help="LMK id (with --components; --test loads 00 and 01)"
+    )
+    how = load.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--test", action="store_true", help="the public test LMKs (id 00 variant, id 01 AES key block)"
+    )
+    how.add_argument(
+        "--components", type=int, metavar="N", help="type N components of a variant LMK at a hidden prompt"
+    )
+    lst = lmk_sub.add_parser("list", help="LMK ids, schemes and check values per node")
+    lst.add_argument("--config", default="config.toml", metavar="PATH")
+
     conf = sub.add_parser("conformance", help="differential run: target against reference")
     conf.add_argument("--reference", type=_host_port, required=True, metavar="HOST:PORT")
     conf.add_argument("--target", type=_host_port, required=True, metavar="HOST:PORT")
@@ -63,6 +89,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         host, port = args.listen
         return run_emulator(host, port, args.header_length, args.lmk_file)
+    if args.command == "serve":
+        from hsmproxy.server.run import run_serve
+
+        return run_serve(args.config)
+    if args.command == "check":
+        from hsmproxy.config import ConfigError, load_settings
+
+        try:
+            settings = load_settings(args.config)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.config}: ok ({len(settings.listeners)} listeners, {len(settings.nodes)} nodes)")
+        return 0
+    if args.command == "lmk":
+        from hsmproxy.keys.ceremony import run_lmk
+
+        return run_lmk(args)
     if args.command == "conformance":
         from conformance.runner import run_conformance
 

@@ -85,7 +85,7 @@ def _crypt(state: EmulatorState, v: Values, *, encrypt: bool) -> Reply:
     iv = hex_bytes(v, "iv") if mode != "00" else b""
     cipher_mode: modes.Mode
     if mode == "00":
-        cipher_mode = modes.ECB()  # noqa: S305 - payShield mode 00 is ECB by definition
+        cipher_mode = modes.ECB()
     elif mode == "01":
         cipher_mode = modes.CBC(iv)
     elif mode == "02":

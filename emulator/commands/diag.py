@@ -35,7 +35,7 @@ def no(state: EmulatorState, v: Values) -> Reply:
     """NO: status. Mode 00 reports buffer size, interface, sockets and firmware."""
     mode = text(v, "mode")
     if mode == "01":
-        return Reply()
+        return Reply(values={"pci_compliance": "0", "reserved_3": "0" * 10})
     if mode != "00":
         raise CryptoError("15", "invalid status mode")
     return Reply(

@@ -94,12 +94,12 @@ def _aes(key: bytes) -> algorithms.AES:
 
 def tdes_ecb_encrypt(key: bytes, data: bytes) -> bytes:
     """DES/TDES-ECB encrypt ``data`` (a multiple of 8 bytes)."""
-    return _crypt(TripleDES(expand_des_key(key)), modes.ECB(), data, encrypt=True)  # noqa: S305
+    return _crypt(TripleDES(expand_des_key(key)), modes.ECB(), data, encrypt=True)
 
 
 def tdes_ecb_decrypt(key: bytes, data: bytes) -> bytes:
     """DES/TDES-ECB decrypt ``data`` (a multiple of 8 bytes)."""
-    return _crypt(TripleDES(expand_des_key(key)), modes.ECB(), data, encrypt=False)  # noqa: S305
+    return _crypt(TripleDES(expand_des_key(key)), modes.ECB(), data, encrypt=False)
 
 
 def tdes_cbc_encrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
@@ -114,12 +114,12 @@ def tdes_cbc_decrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
 
 def aes_ecb_encrypt(key: bytes, data: bytes) -> bytes:
     """AES-ECB encrypt ``data`` (a multiple of 16 bytes)."""
-    return _crypt(_aes(key), modes.ECB(), data, encrypt=True)  # noqa: S305
+    return _crypt(_aes(key), modes.ECB(), data, encrypt=True)
 
 
 def aes_ecb_decrypt(key: bytes, data: bytes) -> bytes:
     """AES-ECB decrypt ``data`` (a multiple of 16 bytes)."""
-    return _crypt(_aes(key), modes.ECB(), data, encrypt=False)  # noqa: S305
+    return _crypt(_aes(key), modes.ECB(), data, encrypt=False)
 
 
 def aes_cbc_encrypt(key: bytes, iv: bytes, data: bytes) -> bytes:

@@ -104,3 +104,6 @@ def client(emulator: RunningEmulator) -> Iterator[HsmClient]:
     c = HsmClient(emulator.host, emulator.port)
     yield c
     c.close()
+
+
+from tests.integration.proxy_env import proxy_config, running_proxy  # noqa: E402, F401

@@ -1,0 +1,1 @@
+"""hsmproxy.backend."""

@@ -1,0 +1,223 @@
+"""Front-side handle on a node worker: spawn, batch per loop wake-up, restart with backoff.
+
+:meth:`NodeClient.submit` queues an operation and returns a future. All operations queued in
+one event-loop iteration go to the worker as one pipe message; the worker answers with one
+message. When the worker dies every in-flight future fails with :class:`NodeDown` (the router
+retries them elsewhere) and the worker is restarted with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from hsmproxy.backend.worker import DEVICE_ERROR, NodeSpec, worker_main
+
+log = logging.getLogger("hsmproxy.node")
+
+_CTX = multiprocessing.get_context("spawn")
+
+
+class NodeDown(Exception):
+    """The node's worker is not running or failed while holding the request."""
+
+
+class NodeClient:
+    """One node: its worker process, pipe, in-flight requests and health."""
+
+    def __init__(self, spec: NodeSpec, *, start_timeout: float = 30.0, max_backoff: float = 10.0) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.info: dict[str, Any] = {}
+        self.up = False
+        self.outstanding = 0
+        self.restarts = 0
+        self.last_error = ""
+        self._start_timeout = start_timeout
+        self._max_backoff = max_backoff
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._inflight: dict[int, asyncio.Future[tuple[str, Any]]] = {}
+        self._queue: list[tuple[int, str, dict[str, Any]]] = []
+        self._flush_scheduled = False
+        self._next_id = 0
+        self._closing = False
+        self._restart_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Spawn the worker and wait for it to report ready; False if it failed to open the node."""
+        self._loop = asyncio.get_running_loop()
+        parent, child = _CTX.Pipe(duplex=True)
+        proc = _CTX.Process(
+            target=worker_main, args=(self.spec, child), name=f"hsmproxy-node-{self.name}", daemon=True
+        )
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        deadline = time.monotonic() + self._start_timeout
+        while not parent.poll(0):
+            if time.monotonic() > deadline or not proc.is_alive():
+                self.last_error = "worker did not start"
+                self._kill()
+                return False
+            await asyncio.sleep(0.02)
+        try:
+            kind, payload = parent.recv()
+        except (EOFError, OSError):
+            kind, payload = "failed", "worker exited"
+        if kind != "ready":
+            self.last_error = str(payload)
+            log.warning("node %s failed to start: %s", self.name, payload)
+            self._kill()
+            return False
+        self.info = dict(payload)
+        self.up = True
+        self._loop.add_reader(parent.fileno(), self._on_readable)
+        log.info(
+            "node %s up: %s %s firmware %s, mechanisms %s",
+            self.name,
+            self.info.get("manufacturer"),
+            self.info.get("model"),
+            self.info.get("firmware"),
+            self.info.get("mechanisms"),
+        )
+        return True
+
+    def _kill(self) -> None:
+        if self._conn is not None:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(self._conn.fileno())
+                except (ValueError, OSError):
+                    pass
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(5)
+            self._proc = None
+
+    async def stop(self) -> None:
+        """Stop the worker (in-flight requests fail with NodeDown)."""
+        self._closing = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+        proc = self._proc
+        if proc is not None:
+            for _ in range(100):
+                if not proc.is_alive():
+                    break
+                await asyncio.sleep(0.02)
+        self._fail_all("node stopping")
+        self._kill()
+        self.up = False
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the worker process, if running."""
+        return self._proc.pid if self._proc is not None else None
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, op: str, args: dict[str, Any]) -> asyncio.Future[tuple[str, Any]]:
+        """Queue an operation; the future resolves to (error code, values) or fails with NodeDown."""
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[str, Any]] = loop.create_future()
+        if not self.up or self._conn is None:
+            fut.set_exception(NodeDown(self.name))
+            return fut
+        self._next_id += 1
+        rid = self._next_id
+        self._inflight[rid] = fut
+        self._queue.append((rid, op, args))
+        self.outstanding += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        try:
+            assert self._conn is not None
+            self._conn.send(batch)
+        except (OSError, ValueError, AssertionError):
+            self._worker_died("pipe write failed")
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            results = conn.recv()
+        except (EOFError, OSError):
+            self._worker_died("worker exited")
+            return
+        if isinstance(results, tuple):  # ("stats", ...) replies are not requests
+            return
+        device_failed = False
+        for rid, code, values in results:
+            fut = self._inflight.pop(rid, None)
+            self.outstanding -= 1
+            if fut is None or fut.done():
+                continue
+            if code == DEVICE_ERROR:
+                device_failed = True
+                fut.set_exception(NodeDown(self.name))
+            else:
+                fut.set_result((code, values))
+        if device_failed:
+            self._worker_died("device error")
+
+    def _fail_all(self, reason: str) -> None:
+        inflight, self._inflight = self._inflight, {}
+        self._queue = []
+        self.outstanding = 0
+        for fut in inflight.values():
+            if not fut.done():
+                fut.set_exception(NodeDown(f"{self.name}: {reason}"))
+
+    def _worker_died(self, reason: str) -> None:
+        if not self.up:
+            return
+        self.up = False
+        self.last_error = reason
+        log.warning("node %s down: %s", self.name, reason)
+        self._fail_all(reason)
+        self._kill()
+        if not self._closing and self._loop is not None:
+            self._restart_task = self._loop.create_task(self._restart())
+
+    def schedule_restart(self) -> None:
+        """Keep trying to start the worker in the background (with backoff)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._restart_task is None or self._restart_task.done():
+            self._restart_task = self._loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            await asyncio.sleep(delay)
+            self.restarts += 1
+            if await self.start():
+                log.info("node %s restarted", self.name)
+                return
+            delay = min(delay * 2, self._max_backoff)

@@ -1,0 +1,327 @@
+"""PKCS#11 primitives for one HSM node, used inside that node's worker process only.
+
+Everything here runs in the node worker: the module, a logged-in session held for the worker's
+life, the LMK objects, and an LRU of working-key handles. Clear PIN blocks and, on the fallback
+import path, clear working keys exist only in this process and only for the duration of one
+operation.
+
+LMK objects (created by the LMK ceremony, :mod:`hsmproxy.keys.lmk`) are token objects,
+sensitive and non-extractable, labelled::
+
+    hsmproxy-lmk:<id>:<pair>:<variant>:<scheme-half>      variant LMK, e.g. hsmproxy-lmk:00:02:0:-
+    hsmproxy-kblmk:<id>:<kbek|kbak>                       key-block LMK (derived keys)
+    hsmproxy-lmkinfo:<id>                                 data object: scheme and check value
+
+``<scheme-half>`` is ``-`` (no scheme variant), or ``U0 U1 T0 T1 T2`` for the scheme variant of
+that key half. Working keys arrive encrypted under an LMK variant; SoftHSM2 has no DES3-ECB
+unwrap, so the fallback decrypts the cryptogram with the LMK object and creates a sensitive
+session object from it (counted in :attr:`Pkcs11Backend.fallback_imports`; refused when
+``strict_key_custody`` is set).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+#: Key-type variant bytes XORed into byte 0 of an LMK pair (variant 1..9).
+KEY_TYPE_VARIANTS = (0x00, 0xA6, 0x5A, 0x6A, 0xDE, 0x2B, 0x50, 0x74, 0x9C, 0xFA)
+#: Scheme variant bytes XORed into byte 8, per key half.
+SCHEME_VARIANTS: Mapping[str, tuple[int, ...]] = {"U": (0xA6, 0x5A), "T": (0x6A, 0xDE, 0x2B)}
+
+LMK_LABEL = "hsmproxy-lmk"
+KBLMK_LABEL = "hsmproxy-kblmk"
+
+
+class BackendError(Exception):
+    """A primitive failed; ``code`` is the payShield error code to answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class DeviceError(Exception):
+    """The device (token, session, module) failed: the node is unhealthy, retry elsewhere."""
+
+
+def lmk_object_label(lmk_id: str, pair: str, variant: int, scheme: str, half: int) -> str:
+    """Label of the token object holding one LMK pair variant."""
+    sh = f"{scheme}{half}" if scheme in SCHEME_VARIANTS else "-"
+    return f"{LMK_LABEL}:{lmk_id}:{pair}:{variant}:{sh}"
+
+
+def variant_of_pair(pair: bytes, variant: int, scheme: str, half: int) -> bytes:
+    """The LMK pair with the key-type variant (byte 0) and scheme variant (byte 8) applied."""
+    k = bytearray(pair)
+    k[0] ^= KEY_TYPE_VARIANTS[variant]
+    sv = SCHEME_VARIANTS.get(scheme)
+    if sv is not None:
+        k[8] ^= sv[half]
+    return bytes(k)
+
+
+def _des_key_type(length: int) -> Any:
+    if length == 16:
+        return KeyType.DES2
+    if length == 24:
+        return KeyType.DES3
+    raise BackendError("27", "DES key must be 8, 16 or 24 bytes")
+
+
+@dataclass(slots=True)
+class TokenInfo:
+    """What the node reports about itself at start-up."""
+
+    manufacturer: str
+    model: str
+    firmware: str
+    label: str
+    mechanisms: dict[str, bool] = field(default_factory=dict)
+
+
+class Pkcs11Backend:
+    """One node's PKCS#11 module, session, LMK objects and working-key cache."""
+
+    def __init__(
+        self,
+        module_path: str,
+        token_label: str,
+        pin: str,
+        *,
+        strict_key_custody: bool = False,
+        cache_size: int = 4096,
+    ) -> None:
+        try:
+            self._lib = pkcs11.lib(module_path)
+            self._token = self._lib.get_token(token_label=token_label)
+            self.session = self._token.open(user_pin=pin, rw=True)
+        except (pkcs11.PKCS11Error, RuntimeError) as exc:
+            raise DeviceError(f"cannot open token {token_label!r}: {type(exc).__name__}") from None
+        self.token_label = token_label
+        self.strict_key_custody = strict_key_custody
+        self.cache_size = cache_size
+        self.fallback_imports = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._lmk: dict[str, Any] = {}
+        self._keys: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self.info = self._probe()
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def _probe(self) -> TokenInfo:
+        tok = self._token
+        firmware = getattr(tok, "firmware_version", None) or (0, 0)
+        info = TokenInfo(
+            manufacturer=str(tok.manufacturer_id).strip(),
+            model=str(tok.model).strip(),
+            firmware=f"{firmware[0]}.{firmware[1]}" if isinstance(firmware, tuple) else str(firmware),
+            label=self.token_label,
+        )
+        info.mechanisms = self._try_mechanisms()
+        return info
+
+    def _try_mechanisms(self) -> dict[str, bool]:
+        """Probe the mechanisms the commands need by trying them (flags are unreliable)."""
+        results: dict[str, bool] = {}
+        probe_key = self._create_des(bytes.fromhex("0123456789ABCDEFFEDCBA9876543210"), token=False)
+        probes: dict[str, Any] = {
+            "des3_ecb": lambda: probe_key.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB),
+            "des3_cbc": lambda: probe_key.encrypt(
+                bytes(8), mechanism=Mechanism.DES3_CBC, mechanism_param=bytes(8)
+            ),
+            "des3_cmac": lambda: probe_key.sign(bytes(8), mechanism=Mechanism.DES3_CMAC),
+            "des3_ecb_unwrap": lambda: probe_key.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.DES2,
+                bytes(16),
+                mechanism=Mechanism.DES3_ECB,
+                template={Attribute.TOKEN: False, Attribute.SENSITIVE: True},
+            ),
+            "sha256": lambda: self.session.digest(b"", mechanism=Mechanism.SHA256),
+        }
+        for name, fn in probes.items():
+            try:
+                fn()
+                results[name] = True
+            except (pkcs11.PKCS11Error, RuntimeError, TypeError):
+                results[name] = False
+        try:
+            aes: Any = self.session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.VALUE: bytes(16),
+                    Attribute.TOKEN: False,
+                    Attribute.SIGN: True,
+                    Attribute.ENCRYPT: True,
+                }
+            )
+            aes.sign(b"", mechanism=Mechanism.AES_CMAC)
+            aes.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)
+            results["aes_cmac"] = True
+            aes.destroy()
+        except (pkcs11.PKCS11Error, RuntimeError):
+            results["aes_cmac"] = False
+        probe_key.destroy()
+        return results
+
+    # -- objects ----------------------------------------------------------------------------------
+
+    def _create_des(
+        self, value: bytes, *, token: bool, label: str | None = None, extractable: bool = False
+    ) -> Any:
+        if len(value) == 8:  # single DES as two-key TDES with equal halves (no DES mechanism needed)
+            value = value + value
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: _des_key_type(len(value)),
+            Attribute.VALUE: value,
+            Attribute.TOKEN: token,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: extractable,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.SIGN: True,
+            Attribute.VERIFY: True,
+        }
+        if label is not None:
+            template[Attribute.LABEL] = label
+        return self.session.create_object(template)
+
+    def create_lmk_object(self, label: str, value: bytes, key_type: str = "des") -> None:
+        """Create (or replace) one sensitive, non-extractable LMK token object. Ceremony only."""
+        for old in self.session.get_objects({Attribute.LABEL: label}):
+            old.destroy()
+        if key_type == "aes":
+            self.session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.VALUE: value,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.SIGN: True,
+                    Attribute.VERIFY: True,
+                    Attribute.LABEL: label,
+                }
+            )
+        else:
+            self._create_des(value, token=True, label=label)
+        self._lmk.pop(label, None)
+
+    def lmk_object(self, label: str) -> Any:
+        """The LMK token object with ``label`` (cached handle); ``13`` if it is not loaded."""
+        obj = self._lmk.get(label)
+        if obj is None:
+            found = list(
+                self.session.get_objects({Attribute.LABEL: label, Attribute.CLASS: ObjectClass.SECRET_KEY})
+            )
+            if not found:
+                raise BackendError("13", "LMK is not loaded on this node")
+            obj = found[0]
+            self._lmk[label] = obj
+        return obj
+
+    def lmk_labels(self) -> list[str]:
+        """Labels of every LMK object on the token."""
+        out = []
+        obj: Any
+        for obj in self.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+            label = str(obj.label)
+            if label.startswith((LMK_LABEL, KBLMK_LABEL)):
+                out.append(label)
+        return sorted(out)
+
+    # -- working keys under a variant LMK ------------------------------------------------------
+
+    def variant_key(self, lmk_id: str, pair: str, variant: int, cryptogram: str) -> Any:
+        """A handle for the working key ``cryptogram`` (``[scheme]hex``) under an LMK variant.
+
+        Cached by (LMK id, key type, cryptogram); on a miss the key is brought in by the fallback
+        path: each half is decrypted with its LMK variant object and a sensitive session object
+        is created from the result.
+        """
+        cache_key = (lmk_id, f"{variant}{pair}", cryptogram)
+        handle = self._keys.get(cache_key)
+        if handle is not None:
+            self._keys.move_to_end(cache_key)
+            self.cache_hits += 1
+            return handle
+        self.cache_misses += 1
+        if self.strict_key_custody:
+            raise BackendError("68", "strict key custody: this node cannot unwrap DES3-ECB cryptograms")
+        scheme = cryptogram[0] if cryptogram[:1] in ("U", "T", "X", "Y", "Z") else ""
+        data = bytes.fromhex(cryptogram[1:] if scheme else cryptogram)
+        clear = bytearray()
+        for half in range(len(data) // 8):
+            lmk = self.lmk_object(lmk_object_label(lmk_id, pair, variant, scheme, half))
+            clear += lmk.decrypt(data[8 * half : 8 * half + 8], mechanism=Mechanism.DES3_ECB)
+        if not all(bin(b).count("1") % 2 for b in clear):
+            raise BackendError("10", "key parity error")
+        handle = self._create_des(bytes(clear), token=False)
+        clear[:] = bytes(len(clear))
+        self.fallback_imports += 1
+        self._keys[cache_key] = handle
+        if len(self._keys) > self.cache_size:
+            _, old = self._keys.popitem(last=False)
+            try:
+                old.destroy()
+            except pkcs11.PKCS11Error:
+                pass
+        return handle
+
+    def forget_keys(self) -> None:
+        """Destroy every cached working-key handle."""
+        while self._keys:
+            _, handle = self._keys.popitem()
+            try:
+                handle.destroy()
+            except pkcs11.PKCS11Error:
+                pass
+
+    # -- primitives -------------------------------------------------------------------------------
+
+    @staticmethod
+    def ecb_encrypt(key: Any, data: bytes) -> bytes:
+        """DES3-ECB encrypt under a key handle."""
+        return bytes(key.encrypt(data, mechanism=Mechanism.DES3_ECB))
+
+    @staticmethod
+    def ecb_decrypt(key: Any, data: bytes) -> bytes:
+        """DES3-ECB decrypt under a key handle."""
+        return bytes(key.decrypt(data, mechanism=Mechanism.DES3_ECB))
+
+    @staticmethod
+    def aes_cmac(key: Any, data: bytes) -> bytes:
+        """AES-CMAC under a key handle."""
+        return bytes(key.sign(data, mechanism=Mechanism.AES_CMAC))
+
+    def random(self, n: int) -> bytes:
+        """``n`` random bytes from the token's generator."""
+        return bytes(self.session.generate_random(8 * n))
+
+    def close(self) -> None:
+        """Destroy session objects and close the session."""
+        self.forget_keys()
+        try:
+            self.session.close()
+        except pkcs11.PKCS11Error:
+            pass
+
+
+def default_module() -> str:
+    """The SoftHSM2 module path on Debian/Ubuntu (override with HSMPROXY_PKCS11_MODULE)."""
+    return os.environ.get("HSMPROXY_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")

@@ -1,0 +1,1 @@
+"""Cluster: routing across nodes."""

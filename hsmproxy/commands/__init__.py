@@ -1,0 +1,10 @@
+"""Front-side command handlers: host command -> normalized operation (or immediate reply)."""
+
+from __future__ import annotations
+
+from hsmproxy.commands import diag, pin
+from hsmproxy.commands.base import Handler
+
+HANDLERS: dict[str, Handler] = {}
+for _family in (diag, pin):
+    HANDLERS.update(_family.HANDLERS)

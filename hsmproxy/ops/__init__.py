@@ -1,0 +1,8 @@
+"""Normalized payment operations, run inside node workers against PKCS#11 primitives."""
+
+from __future__ import annotations
+
+
+def load_all() -> None:
+    """Import every operation module so that each registers its operations."""
+    from hsmproxy.ops import pin  # noqa: F401

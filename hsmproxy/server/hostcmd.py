@@ -1,0 +1,225 @@
+"""The host-command listener: asyncio.Protocol, pipelined requests answered in order.
+
+Layering (like asyncpg): :mod:`protocols` is the pure codec; this module owns buffers, ordering,
+flow control and timeouts; :class:`Dispatcher` is plain Python on top that turns one request
+payload into one response payload, going to a node only when the command needs an HSM.
+
+Ordering: each request takes a slot in a per-connection queue; responses are written as the
+head slot completes, so a slow command never lets a later response overtake it. Backpressure:
+with ``max_inflight`` slots outstanding the connection stops reading until half have drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Mapping
+from typing import Any, cast
+
+from hsmproxy.cluster.router import NoNodeAvailable, Router
+from hsmproxy.commands.base import CommandContext, Handler, Immediate
+from protocols.framing import FrameError, Framer, encode_frame
+from protocols.hostcmd.envelope import EnvelopeError, build_response, split_request
+from protocols.hostcmd.fields import ParseError, format_fields, parse
+from protocols.hostcmd.table import COMMANDS
+
+log = logging.getLogger("hsmproxy.hostcmd")
+
+MAX_FRAME = 32768
+#: Error code when no node can serve the request (payShield's generic internal error).
+NO_NODE_ERROR = "41"
+
+
+def _trailer_of(body: bytes) -> bytes:
+    i = body.find(b"\x19")
+    return body[i:] if i >= 0 else b""
+
+
+class Dispatcher:
+    """One request payload in, one response payload (or an awaitable of it) out."""
+
+    def __init__(
+        self,
+        router: Router,
+        handlers: Mapping[str, Handler],
+        context: CommandContext,
+        header_length: int,
+        disabled_commands: frozenset[str] = frozenset(),
+    ) -> None:
+        self.router = router
+        self.handlers = handlers
+        self.context = context
+        self.header_length = header_length
+        self.disabled_commands = disabled_commands
+
+    def handle(self, payload: bytes) -> bytes | Awaitable[bytes] | None:
+        """Answer immediately (bytes), later (awaitable), or None for an unusable frame."""
+        try:
+            req = split_request(payload, self.header_length)
+        except EnvelopeError:
+            return None
+        spec = COMMANDS.get(req.code)
+        handler = self.handlers.get(req.code)
+        if spec is None or handler is None or req.code in self.disabled_commands:
+            return build_response(req.header, req.code, "68", b"", _trailer_of(req.body))
+        try:
+            parsed = parse(spec.request, req.body)
+        except ParseError as exc:
+            return build_response(req.header, req.code, exc.code, b"", _trailer_of(req.body))
+        action = handler(parsed.values, self.context)
+        if isinstance(action, Immediate):
+            return self._respond(
+                req.header, req.code, action.error, action.values, parsed.values, parsed.trailer
+            )
+        return self._remote(
+            req.header, req.code, action.name, action.args, action.affinity, parsed.values, parsed.trailer
+        )
+
+    def _respond(
+        self,
+        header: bytes,
+        code: str,
+        error: str,
+        values: Mapping[str, Any],
+        request_values: Mapping[str, Any],
+        trailer: bytes,
+    ) -> bytes:
+        body = b""
+        if values:
+            try:
+                body = format_fields(COMMANDS[code].response, values, request_values)
+            except (KeyError, ValueError):
+                log.error("%s: operation result does not fit the response layout", code)
+                error, body = "41", b""
+        return build_response(header, code, error, body, trailer)
+
+    async def _remote(
+        self,
+        header: bytes,
+        code: str,
+        op: str,
+        args: dict[str, Any],
+        affinity: str,
+        request_values: Mapping[str, Any],
+        trailer: bytes,
+    ) -> bytes:
+        try:
+            error, values = await self.router.execute(op, args, affinity)
+        except (NoNodeAvailable, TimeoutError) as exc:
+            log.warning("%s: no node could serve the request (%s)", code, type(exc).__name__)
+            return build_response(header, code, NO_NODE_ERROR, b"", trailer)
+        except Exception:
+            log.exception("%s: routing failed", code)
+            return build_response(header, code, NO_NODE_ERROR, b"", trailer)
+        return self._respond(header, code, error, values, request_values, trailer)
+
+
+class HostCommandProtocol(asyncio.Protocol):
+    """One switch connection."""
+
+    def __init__(self, dispatcher: Dispatcher, max_inflight: int = 256, on_close: Any = None) -> None:
+        self._dispatcher = dispatcher
+        self._framer = Framer(MAX_FRAME)
+        self._transport: asyncio.Transport | None = None
+        self._slots: deque[asyncio.Future[bytes] | bytes] = deque()
+        self._max_inflight = max_inflight
+        self._paused = False
+        self._closing_after_flush = False
+        self._on_close = on_close
+        self.peer: Any = None
+        #: Set by the listener when the connection limit is reached: the connection is closed at once.
+        self.over_limit = False
+
+    @property
+    def busy(self) -> bool:
+        """True while responses are pending on this connection."""
+        return bool(self._slots)
+
+    def close(self) -> None:
+        """Close the connection now."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the transport and the peer address (or refuse it when over the limit)."""
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.peer = self._transport.get_extra_info("peername")
+        if self.over_limit:
+            log.warning("refusing connection from %s: connection limit reached", self.peer)
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        """Frame the bytes; queue each request in order."""
+        if self._transport is None or self._closing_after_flush:
+            return
+        try:
+            frames = self._framer.feed(data)
+        except FrameError as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            self._close_after_flush()
+            return
+        loop = asyncio.get_running_loop()
+        for frame in frames:
+            result = self._dispatcher.handle(frame)
+            if result is None:
+                log.warning("closing connection from %s: frame shorter than header and command", self.peer)
+                self._close_after_flush()
+                return
+            if isinstance(result, bytes):
+                self._slots.append(result)
+            else:
+                fut = asyncio.ensure_future(result, loop=loop)
+                fut.add_done_callback(self._on_done)
+                self._slots.append(fut)
+        self._drain()
+        if not self._paused and len(self._slots) >= self._max_inflight and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _on_done(self, _fut: asyncio.Future[bytes]) -> None:
+        self._drain()
+
+    def _drain(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        out = bytearray()
+        slots = self._slots
+        while slots:
+            head = slots[0]
+            if isinstance(head, bytes):
+                out += encode_frame(head)
+            elif head.done():
+                if head.cancelled() or head.exception() is not None:
+                    out += encode_frame(b"")  # never reached: dispatcher catches its errors
+                else:
+                    out += encode_frame(head.result())
+            else:
+                break
+            slots.popleft()
+        if out:
+            transport.write(bytes(out))
+        if self._paused and len(slots) <= self._max_inflight // 2:
+            self._paused = False
+            transport.resume_reading()
+        if self._closing_after_flush and not slots:
+            transport.close()
+
+    def _close_after_flush(self) -> None:
+        self._closing_after_flush = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self._drain()
+        if not self._slots and self._transport is not None:
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Cancel pending work for this connection."""
+        for slot in self._slots:
+            if not isinstance(slot, bytes):
+                slot.cancel()
+        self._slots.clear()
+        self._transport = None
+        if self._on_close is not None:
+            self._on_close(self)
