@@ -21,6 +21,7 @@ session object from it (counted in :attr:`Pkcs11Backend.fallback_imports`; refus
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -111,7 +112,7 @@ class Pkcs11Backend:
         self.cache_hits = 0
         self.cache_misses = 0
         self._lmk: dict[str, Any] = {}
-        self._keys: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # handle or tuple of handles
         self.info = self._probe()
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -247,20 +248,32 @@ class Pkcs11Backend:
 
     # -- working keys under a variant LMK ------------------------------------------------------
 
-    def variant_key(self, lmk_id: str, pair: str, variant: int, cryptogram: str) -> Any:
-        """A handle for the working key ``cryptogram`` (``[scheme]hex``) under an LMK variant.
-
-        Cached by (LMK id, key type, cryptogram); on a miss the key is brought in by the fallback
-        path: each half is decrypted with its LMK variant object and a sensitive session object
-        is created from the result.
-        """
-        cache_key = (lmk_id, f"{variant}{pair}", cryptogram)
+    def _cache_get(self, cache_key: tuple[str, str, str]) -> Any:
         handle = self._keys.get(cache_key)
         if handle is not None:
             self._keys.move_to_end(cache_key)
             self.cache_hits += 1
-            return handle
-        self.cache_misses += 1
+        else:
+            self.cache_misses += 1
+        return handle
+
+    def _cache_put(self, cache_key: tuple[str, str, str], handle: Any) -> Any:
+        self._keys[cache_key] = handle
+        if len(self._keys) > self.cache_size:
+            _, old = self._keys.popitem(last=False)
+            for h in _handles(old):
+                try:
+                    h.destroy()
+                except pkcs11.PKCS11Error:
+                    pass
+        return handle
+
+    def decrypt_cryptogram(self, lmk_id: str, pair: str, variant: int, cryptogram: str) -> bytearray:
+        """The clear value of a variant cryptogram, decrypted by the LMK objects (fallback path).
+
+        Only for compositions the module cannot do with handles (no DES3-ECB unwrap, no XOR
+        derivation); the caller wipes the result. Refused under strict key custody (``68``).
+        """
         if self.strict_key_custody:
             raise BackendError("68", "strict key custody: this node cannot unwrap DES3-ECB cryptograms")
         scheme = cryptogram[0] if cryptogram[:1] in ("U", "T", "X", "Y", "Z") else ""
@@ -269,28 +282,129 @@ class Pkcs11Backend:
         for half in range(len(data) // 8):
             lmk = self.lmk_object(lmk_object_label(lmk_id, pair, variant, scheme, half))
             clear += lmk.decrypt(data[8 * half : 8 * half + 8], mechanism=Mechanism.DES3_ECB)
-        if not all(bin(b).count("1") % 2 for b in clear):
-            raise BackendError("10", "key parity error")
-        handle = self._create_des(bytes(clear), token=False)
-        clear[:] = bytes(len(clear))
         self.fallback_imports += 1
-        self._keys[cache_key] = handle
-        if len(self._keys) > self.cache_size:
-            _, old = self._keys.popitem(last=False)
-            try:
-                old.destroy()
-            except pkcs11.PKCS11Error:
-                pass
-        return handle
+        return clear
+
+    def variant_key(self, lmk_id: str, pair: str, variant: int, cryptogram: str) -> Any:
+        """A handle for the working key ``cryptogram`` (``[scheme]hex``) under an LMK variant.
+
+        Cached by (LMK id, key type, cryptogram); on a miss the key is brought in by the fallback
+        path: each half is decrypted with its LMK variant object and a sensitive session object
+        is created from the result. Odd parity is required (``10``).
+        """
+        cache_key = (lmk_id, f"{variant}{pair}", cryptogram)
+        handle = self._cache_get(cache_key)
+        if handle is not None:
+            return handle
+        clear = self.decrypt_cryptogram(lmk_id, pair, variant, cryptogram)
+        try:
+            if not all(bin(b).count("1") % 2 for b in clear):
+                raise BackendError("10", "key parity error")
+            handle = self._create_des(bytes(clear), token=False)
+        finally:
+            clear[:] = bytes(len(clear))
+        return self._cache_put(cache_key, handle)
+
+    def variant_key_halves(self, lmk_id: str, pair: str, variant: int, cryptogram: str) -> tuple[Any, ...]:
+        """Single-length handles for each 8-byte part of a variant key (CVV, X9.19 retail MAC)."""
+        cache_key = (lmk_id, f"{variant}{pair}/parts", cryptogram)
+        parts = self._cache_get(cache_key)
+        if parts is not None:
+            return tuple(parts)
+        clear = self.decrypt_cryptogram(lmk_id, pair, variant, cryptogram)
+        try:
+            if not all(bin(b).count("1") % 2 for b in clear):
+                raise BackendError("10", "key parity error")
+            parts = tuple(
+                self._create_des(bytes(clear[i : i + 8]), token=False) for i in range(0, len(clear), 8)
+            )
+        finally:
+            clear[:] = bytes(len(clear))
+        return tuple(self._cache_put(cache_key, parts))
+
+    def keyblock_key(self, lmk_id: str, block: str) -> tuple[dict[str, str], Any]:
+        """Verify and import a Thales key block (version 1, AES key-block LMK) -> (header, handle).
+
+        The MAC (AES-CMAC under the KBAK object, header + encrypted data, 8 bytes) is checked and
+        the key data decrypted (AES-CBC under the KBEK object, IV = first 16 header characters),
+        both inside the token; the clear key then becomes a sensitive session object.
+        Errors: ``A1`` version, ``83`` format, ``A4`` authentication failure.
+        """
+        cache_key = (lmk_id, "S", block)
+        cached = self._cache_get(cache_key)
+        if cached is not None:
+            header_items, handle = cached
+            return dict(header_items), handle
+        body = block[1:] if block.startswith("S") else block
+        if len(body) < 16 or not body[1:5].isdigit() or int(body[1:5]) != len(body):
+            raise BackendError("83", "key block length field does not match")
+        if body[0] != "1":
+            raise BackendError("A1", "key block version does not match the LMK")
+        header = {
+            "version": body[0], "usage": body[5:7], "algorithm": body[7], "mode_of_use": body[8],
+            "key_version": body[9:11], "exportability": body[11], "lmk_id": body[14:16],
+        }  # fmt: skip
+        pos = 16
+        try:
+            for _ in range(int(body[12:14])):
+                pos += int(body[pos + 2 : pos + 4], 16)
+        except ValueError:
+            raise BackendError("83", "invalid optional block") from None
+        try:
+            encrypted, mac = bytes.fromhex(body[pos:-16]), bytes.fromhex(body[-16:])
+        except ValueError:
+            raise BackendError("83", "key block data is not hex") from None
+        if not encrypted or len(encrypted) % 16:
+            raise BackendError("83", "key block data is not whole AES blocks")
+        kbek = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbek")
+        kbak = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbak")
+        expected = bytes(kbak.sign(body[:pos].encode("ascii") + encrypted, mechanism=Mechanism.AES_CMAC))[:8]
+        if not hmac.compare_digest(expected, mac):
+            raise BackendError("A4", "key block authentication failure")
+        clear = bytearray(
+            kbek.decrypt(encrypted, mechanism=Mechanism.AES_CBC, mechanism_param=body[:16].encode("ascii"))
+        )
+        try:
+            bits = int.from_bytes(clear[:2], "big")
+            if bits % 8 or not 8 <= bits <= 8 * (len(clear) - 2):
+                raise BackendError("83", "key length in key block is invalid")
+            handle = self.create_session_key(
+                clear[2 : 2 + bits // 8], "A" if header["algorithm"] == "A" else "T"
+            )
+        finally:
+            clear[:] = bytes(len(clear))
+        self.fallback_imports += 1
+        self._cache_put(cache_key, (tuple(header.items()), handle))
+        return header, handle
+
+    def create_session_key(self, clear: bytes | bytearray, algorithm: str = "T") -> Any:
+        """A sensitive session object from clear bytes held by this worker (derived keys)."""
+        if algorithm == "A":
+            return self.session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.VALUE: bytes(clear),
+                    Attribute.TOKEN: False,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.SIGN: True,
+                    Attribute.VERIFY: True,
+                }
+            )
+        return self._create_des(bytes(clear), token=False)
 
     def forget_keys(self) -> None:
         """Destroy every cached working-key handle."""
         while self._keys:
-            _, handle = self._keys.popitem()
-            try:
-                handle.destroy()
-            except pkcs11.PKCS11Error:
-                pass
+            _, handles = self._keys.popitem()
+            for handle in _handles(handles):
+                try:
+                    handle.destroy()
+                except pkcs11.PKCS11Error:
+                    pass
 
     # -- primitives -------------------------------------------------------------------------------
 
@@ -320,6 +434,13 @@ class Pkcs11Backend:
             self.session.close()
         except pkcs11.PKCS11Error:
             pass
+
+
+def _handles(entry: Any) -> tuple[Any, ...]:
+    """The PKCS#11 objects inside a cache entry (a handle, a tuple of handles, or (header, handle))."""
+    if isinstance(entry, tuple):
+        return tuple(x for x in entry if hasattr(x, "destroy"))
+    return (entry,)
 
 
 def default_module() -> str:

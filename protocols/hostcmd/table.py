@@ -173,7 +173,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         ),
         (
             Key("key_lmk"),
-            Present((Key("key_zmk"),)),
+            When("mode", _one("1"), (Key("key_zmk"),)),
             Fixed("kcv", 6, HEX),
         ),
     ),
