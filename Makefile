@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 NODES := node-a node-b
 
-.PHONY: run test lint typecheck unit deps softhsm emulator var clean
+.PHONY: run test lint typecheck unit deps softhsm emulator var bench clean
 
 ## run: start hsmproxy on its embedded defaults (config.toml: two SoftHSM2 nodes under ./var)
 run: deps softhsm var
@@ -59,6 +59,16 @@ $(STAMP): pyproject.toml
 softhsm:
 	@command -v softhsm2-util >/dev/null 2>&1 || { \
 	  echo "installing SoftHSM2"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq softhsm2; }
+
+## bench: raw echo server, emulator and proxy measured side by side by the same client (BENCHMARKS.md)
+BENCH_ARGS ?= --command CC --connections 8 --depth 1 --duration 10
+bench: deps softhsm var
+	@set -e; trap 'kill $$(jobs -p) 2>/dev/null || true' EXIT; \
+	$(BIN)/hsmproxy bench --echo-server 127.0.0.1:1599 & \
+	$(BIN)/hsmproxy --log-level WARNING emulator --listen 127.0.0.1:1501 & \
+	$(BIN)/hsmproxy --log-level WARNING serve --config config.toml & \
+	sleep 6; \
+	for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do $(BIN)/hsmproxy bench --target $$t $(BENCH_ARGS); done
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="hsmproxy", description="payShield-compatible HSM proxy")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="subcommand", required=True)
 
     emu = sub.add_parser("emulator", help="run the reference software HSM")
     emu.add_argument("--listen", type=_host_port, default=("127.0.0.1", 1501), metavar="HOST:PORT")
@@ -65,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     lst = lmk_sub.add_parser("list", help="LMK ids, schemes and check values per node")
     lst.add_argument("--config", default="config.toml", metavar="PATH")
 
+    bench = sub.add_parser("bench", help="load generator (or --echo-server: the raw echo responder)")
+    bench.add_argument("--target", type=_host_port, metavar="HOST:PORT")
+    bench.add_argument(
+        "--echo-server", type=_host_port, metavar="HOST:PORT", help="serve the raw echo responder"
+    )
+    bench.add_argument("--command", default="CC")
+    bench.add_argument("--connections", type=int, default=8)
+    bench.add_argument("--depth", type=int, default=1, help="requests in flight per connection (closed loop)")
+    bench.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds measured (after 1 s warm-up)")
+    bench.add_argument(
+        "--keys", choices=("hot", "cold"), default="hot", help="CC: one key pair, or one per request"
+    )
+    bench.add_argument("--header-length", type=_header_length, default=4)
+    bench.add_argument("--json", action="store_true")
+
     conf = sub.add_parser("conformance", help="differential run: target against reference")
     conf.add_argument("--reference", type=_host_port, required=True, metavar="HOST:PORT")
     conf.add_argument("--target", type=_host_port, required=True, metavar="HOST:PORT")
@@ -84,16 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    if args.command == "emulator":
+    if args.subcommand == "emulator":
         from emulator.app import run_emulator
 
         host, port = args.listen
         return run_emulator(host, port, args.header_length, args.lmk_file)
-    if args.command == "serve":
+    if args.subcommand == "serve":
         from hsmproxy.server.run import run_serve
 
         return run_serve(args.config)
-    if args.command == "check":
+    if args.subcommand == "check":
         from hsmproxy.config import ConfigError, load_settings
 
         try:
@@ -103,11 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{args.config}: ok ({len(settings.listeners)} listeners, {len(settings.nodes)} nodes)")
         return 0
-    if args.command == "lmk":
+    if args.subcommand == "lmk":
         from hsmproxy.keys.ceremony import run_lmk
 
         return run_lmk(args)
-    if args.command == "conformance":
+    if args.subcommand == "bench":
+        return _bench(args)
+    if args.subcommand == "conformance":
         from conformance.runner import run_conformance
 
         return run_conformance(
@@ -121,6 +139,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             as_json=args.json,
         )
     return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvloop
+
+    from hsmproxy.bench import echo_server, format_result, run_bench
+
+    if args.echo_server:
+        host, port = args.echo_server
+        try:
+            uvloop.run(echo_server(host, port, args.header_length))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if not args.target:
+        print("bench: --target HOST:PORT is required", file=sys.stderr)
+        return 2
+    host, port = args.target
+    result = uvloop.run(
+        run_bench(
+            host,
+            port,
+            args.command,
+            args.connections,
+            args.depth,
+            args.rate,
+            args.duration,
+            args.header_length,
+            args.keys,
+        )
+    )
+    print(format_result(result, args.json))
+    del asyncio
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ class NodeClient:
     async def stop(self) -> None:
         """Stop the worker (in-flight requests fail with NodeDown)."""
         self._closing = True
+        self.up = False
         if self._restart_task is not None:
             self._restart_task.cancel()
         if self._conn is not None:

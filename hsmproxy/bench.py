@@ -1,0 +1,286 @@
+"""``hsmproxy bench``: a load generator for host-command servers, and a raw echo server.
+
+Closed loop (default): ``--connections C`` connections each keep ``--depth D`` requests in flight.
+Open loop (``--rate R``): requests are sent on a fixed schedule of R per second spread over the
+connections, and latency is measured from each request's *intended* send time, so a stalled
+server cannot hide its queueing delay (no coordinated omission).
+
+Requests are valid commands under the public test LMK: ``CC`` with one hot key pair (``--keys
+hot``) or a different key pair per request (``--keys cold``), and any other table command from
+the conformance generators. ``hsmproxy bench --echo-server HOST:PORT`` runs the raw echo server:
+same framing, answers every request with its header, response code and ``00`` and no work, which
+is the ceiling any HSM front end on this machine can reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from protocols.framing import Framer, encode_frame
+from protocols.hostcmd.envelope import response_code
+
+
+@dataclass
+class BenchResult:
+    """What one run measured."""
+
+    target: str
+    command: str
+    mode: str
+    connections: int
+    depth: int
+    rate: float
+    duration: float
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    tps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    p999_ms: float = 0.0
+    max_ms: float = 0.0
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+def build_requests(command: str, count: int, keys: str = "hot", seed: int = 1) -> list[bytes]:
+    """``count`` valid request bodies (command code + data) for ``command``."""
+    if command == "CC":
+        return _cc_requests(count, keys, seed)
+    if command == "B2":
+        return [b"B20010" + b"0123456789ABCDEF"] * count
+    if command == "NC":
+        return [b"NC"] * count
+    from conformance.generators import GenContext, generate
+
+    ctx = GenContext()
+    return [generate(command, seed, i, ctx).request for i in range(count)]
+
+
+def _cc_requests(count: int, keys: str, seed: int) -> list[bytes]:
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    from hsmproxy.keys.lmk import TEST_VARIANT_LMK
+
+    rng = random.Random(seed)
+    pair = bytearray(bytes.fromhex(TEST_VARIANT_LMK[3]))  # pair 06-07: ZPK, variant 0
+
+    def odd(key: bytes) -> bytes:
+        return bytes(b ^ (0 if bin(b).count("1") % 2 else 1) for b in key)
+
+    def ecb(key: bytes, data: bytes, decrypt: bool = False) -> bytes:
+        k = key + key[:8] if len(key) == 16 else key
+        c = Cipher(TripleDES(k), modes.ECB())
+        op = c.decryptor() if decrypt else c.encryptor()
+        return op.update(data) + op.finalize()
+
+    def under_lmk(key: bytes) -> bytes:
+        out = b""
+        for half, v in enumerate((0xA6, 0x5A)):
+            lmk = bytearray(pair)
+            lmk[8] ^= v
+            out += ecb(bytes(lmk), key[8 * half : 8 * half + 8])
+        return b"U" + out.hex().upper().encode()
+
+    def one(src: bytes, dst: bytes) -> bytes:
+        pin = "".join(rng.choice("0123456789") for _ in range(rng.randint(4, 8)))
+        account = "".join(rng.choice("0123456789") for _ in range(12))
+        clear = bytes.fromhex(f"0{len(pin):X}{pin}".ljust(16, "F"))
+        block = bytes(a ^ b for a, b in zip(clear, bytes.fromhex("0000" + account), strict=True))
+        return (
+            b"CC" + under_lmk(src) + under_lmk(dst) + b"12" + ecb(src, block).hex().upper().encode()
+            + b"0101" + account.encode()
+        )  # fmt: skip
+
+    if keys == "hot":
+        src, dst = odd(rng.randbytes(16)), odd(rng.randbytes(16))
+        return [one(src, dst) for _ in range(min(count, 512))]
+    return [one(odd(rng.randbytes(16)), odd(rng.randbytes(16))) for _ in range(count)]
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, header_length: int, on_response: Any) -> None:
+        self.framer = Framer(65535)
+        self.header_length = header_length
+        self.on_response = on_response
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.framer.feed(data):
+            self.on_response(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def run_bench(
+    host: str,
+    port: int,
+    command: str = "CC",
+    connections: int = 8,
+    depth: int = 1,
+    rate: float = 0.0,
+    duration: float = 10.0,
+    header_length: int = 4,
+    keys: str = "hot",
+    warmup: float = 1.0,
+) -> BenchResult:
+    """Run one measurement and return its result."""
+    requests = build_requests(command, 4096 if keys == "cold" else 512, keys)
+    expect = response_code(command).encode()
+    loop = asyncio.get_running_loop()
+    result = BenchResult(
+        f"{host}:{port}", command, "open" if rate else "closed", connections, depth, rate, duration
+    )
+    latencies: list[float] = []
+    measuring = False
+    stop_at = 0.0
+    conns: list[_Conn] = []
+    pending: list[dict[int, float]] = [{} for _ in range(connections)]
+    counters = [0] * connections
+    idx = [0]
+
+    def send(ci: int, intended: float | None = None) -> None:
+        conn = conns[ci]
+        if conn.transport is None or conn.transport.is_closing():
+            return
+        counters[ci] += 1
+        seq = counters[ci] % (10**header_length)
+        header = str(seq).zfill(header_length).encode()[-header_length:] if header_length else b""
+        body = requests[idx[0] % len(requests)]
+        idx[0] += 1
+        pending[ci][seq] = intended if intended is not None else time.perf_counter()
+        conn.transport.write(encode_frame(header + body))
+        if measuring:
+            result.sent += 1
+
+    def make_handler(ci: int) -> Any:
+        def on_response(frame: bytes) -> None:
+            nonlocal measuring
+            now = time.perf_counter()
+            seq = int(frame[:header_length]) if header_length else 0
+            started = pending[ci].pop(seq, None)
+            if measuring and started is not None:
+                if frame[header_length : header_length + 2] == expect and frame[
+                    header_length + 2 : header_length + 4
+                ] in (
+                    b"00",
+                    b"01",
+                ):
+                    result.ok += 1
+                    latencies.append(now - started)
+                else:
+                    result.errors += 1
+                    code = frame[header_length + 2 : header_length + 4].decode("latin-1")
+                    result.error_codes[code] = result.error_codes.get(code, 0) + 1
+            if not rate and now < stop_at:
+                send(ci)
+
+        return on_response
+
+    for ci in range(connections):
+        handler = make_handler(ci)
+
+        def factory(h: Any = handler) -> _Conn:
+            return _Conn(header_length, h)
+
+        _, proto = await loop.create_connection(factory, host, port)
+        conns.append(proto)
+    start = time.perf_counter()
+    stop_at = start + warmup + duration
+    if rate:
+        interval = 1.0 / rate
+        next_t = start
+        n = 0
+        while True:
+            now = time.perf_counter()
+            if now >= stop_at:
+                break
+            if not measuring and now >= start + warmup:
+                measuring = True
+                latencies.clear()
+            while next_t <= now:
+                send(n % connections, next_t)
+                n += 1
+                next_t += interval
+            await asyncio.sleep(max(0.0, min(next_t - time.perf_counter(), 0.001)))
+    else:
+        for ci in range(connections):
+            for _ in range(depth):
+                send(ci)
+        await asyncio.sleep(warmup)
+        measuring = True
+        latencies.clear()
+        t0 = time.perf_counter()
+        await asyncio.sleep(duration)
+        duration = time.perf_counter() - t0
+    measuring = False
+    await asyncio.sleep(0.2)
+    for c in conns:
+        if c.transport is not None:
+            c.transport.close()
+    latencies.sort()
+    result.duration = round(duration, 3)
+    result.tps = round(result.ok / duration, 1) if duration else 0.0
+    result.p50_ms = round(1000 * _percentile(latencies, 0.50), 3)
+    result.p99_ms = round(1000 * _percentile(latencies, 0.99), 3)
+    result.p999_ms = round(1000 * _percentile(latencies, 0.999), 3)
+    result.max_ms = round(1000 * (latencies[-1] if latencies else 0.0), 3)
+    return result
+
+
+class _Echo(asyncio.Protocol):
+    def __init__(self, header_length: int) -> None:
+        self.framer = Framer(65535)
+        self.hl = header_length
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        out = bytearray()
+        hl = self.hl
+        for frame in self.framer.feed(data):
+            code = frame[hl : hl + 2].decode("latin-1") or "ZZ"
+            out += encode_frame(frame[:hl] + response_code(code).encode("latin-1") + b"00")
+        if out and self.transport is not None:
+            self.transport.write(bytes(out))
+
+
+async def echo_server(
+    host: str, port: int, header_length: int = 4, stop: asyncio.Event | None = None
+) -> None:
+    """Serve the raw echo responder until cancelled (or ``stop`` is set)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Echo(header_length), host, port, reuse_address=True)
+    async with server:
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+
+
+def format_result(r: BenchResult, as_json: bool) -> str:
+    """The result as JSON or a one-line summary."""
+    if as_json:
+        return json.dumps(asdict(r), sort_keys=True)
+    return (
+        f"{r.target} {r.command} {r.mode} c={r.connections} d={r.depth}"
+        f"{f' rate={r.rate:g}/s' if r.rate else ''}: {r.tps:,.0f} TPS, p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, "
+        f"p99.9 {r.p999_ms} ms, errors {r.errors} {r.error_codes or ''}"
+    )
