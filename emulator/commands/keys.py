@@ -92,6 +92,8 @@ def encrypt_under_zmk(zmk: bytes, scheme: str, clear: bytes, key_type: str) -> s
 
 def decrypt_under_zmk(zmk: bytes, value: str) -> ClearKey:
     """Decrypt a key field ``[scheme] hex`` (or a TR-31 ``R`` block) from under ``zmk``."""
+    if value.startswith("S"):
+        raise CryptoError("26", "a key block under the LMK is not a key under a ZMK")
     if value.startswith("R"):
         header, key = unwrap_tr31(zmk, value)
         algorithm = "A" if header[7:8] == "A" else "T"

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import pickle
+import struct
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -49,6 +52,10 @@ class NodeClient:
         self._closing = False
         self._restart_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._rbuf = bytearray()
+        self._wbuf = bytearray()
+        self._writing = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -80,7 +87,12 @@ class NodeClient:
             return False
         self.info = dict(payload)
         self.up = True
-        self._loop.add_reader(parent.fileno(), self._on_readable)
+        self._fd = parent.fileno()
+        self._rbuf = bytearray()
+        self._wbuf = bytearray()
+        self._writing = False
+        os.set_blocking(self._fd, False)  # the event loop never blocks on a busy worker
+        self._loop.add_reader(self._fd, self._on_readable)
         log.info(
             "node %s up: %s %s firmware %s, mechanisms %s",
             self.name,
@@ -96,8 +108,12 @@ class NodeClient:
             if self._loop is not None:
                 try:
                     self._loop.remove_reader(self._conn.fileno())
+                    if self._writing:
+                        self._loop.remove_writer(self._conn.fileno())
                 except (ValueError, OSError):
                     pass
+            self._writing = False
+            self._wbuf = bytearray()
             self._conn.close()
             self._conn = None
         if self._proc is not None:
@@ -114,7 +130,11 @@ class NodeClient:
             self._restart_task.cancel()
         if self._conn is not None:
             try:
-                self._conn.send(None)
+                data = pickle.dumps(None)
+                self._wbuf += struct.pack("!i", len(data)) + data
+                os.set_blocking(self._fd, True)
+                os.write(self._fd, bytes(self._wbuf))
+                self._wbuf.clear()
             except (OSError, ValueError):
                 pass
         proc = self._proc
@@ -154,23 +174,61 @@ class NodeClient:
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._queue = self._queue, []
-        if not batch:
+        if not batch or self._conn is None:
             return
+        # The worker reads with multiprocessing.Connection: a 4-byte big-endian length, then pickle.
+        data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+        self._wbuf += struct.pack("!i", len(data))
+        self._wbuf += data
+        self._write_some()
+
+    def _write_some(self) -> None:
         try:
-            assert self._conn is not None
-            self._conn.send(batch)
-        except (OSError, ValueError, AssertionError):
+            while self._wbuf:
+                n = os.write(self._fd, self._wbuf)
+                del self._wbuf[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
             self._worker_died("pipe write failed")
+            return
+        loop = self._loop
+        if loop is None:
+            return
+        if self._wbuf and not self._writing:
+            self._writing = True
+            loop.add_writer(self._fd, self._write_some)
+        elif not self._wbuf and self._writing:
+            self._writing = False
+            loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
-        conn = self._conn
-        if conn is None:
+        if self._conn is None:
             return
         try:
-            results = conn.recv()
-        except (EOFError, OSError):
+            while True:
+                chunk = os.read(self._fd, 1 << 20)
+                if not chunk:
+                    self._worker_died("worker exited")
+                    return
+                self._rbuf += chunk
+                if len(chunk) < 1 << 20:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
             self._worker_died("worker exited")
             return
+        buf = self._rbuf
+        while len(buf) >= 4:
+            (n,) = struct.unpack_from("!i", buf)
+            if len(buf) < 4 + n:
+                break
+            message = pickle.loads(bytes(buf[4 : 4 + n]))  # noqa: S301 - our own worker's replies
+            del buf[: 4 + n]
+            self._deliver(message)
+
+    def _deliver(self, results: Any) -> None:
         if isinstance(results, tuple):  # ("stats", ...) replies are not requests
             return
         device_failed = False

@@ -435,6 +435,49 @@ class Pkcs11Backend:
         except pkcs11.PKCS11Error:
             pass
 
+    def keyblock_clear(self, lmk_id: str, block: str) -> tuple[dict[str, str], bytearray]:
+        """The header and clear key of a Thales key block (fallback path; the caller wipes it).
+
+        For compositions PKCS#11 cannot do with a handle (DUKPT derivation from a BDK, CVV's
+        single-DES halves). Checks as :meth:`keyblock_key`; refused under strict key custody (``68``).
+        """
+        if self.strict_key_custody:
+            raise BackendError("68", "strict key custody: this node cannot release key-block keys")
+        body = block[1:] if block.startswith("S") else block
+        if len(body) < 16 or not body[1:5].isdigit() or int(body[1:5]) != len(body):
+            raise BackendError("83", "key block length field does not match")
+        if body[0] != "1":
+            raise BackendError("A1", "key block version does not match the LMK")
+        header = {
+            "version": body[0], "usage": body[5:7], "algorithm": body[7], "mode_of_use": body[8],
+            "key_version": body[9:11], "exportability": body[11], "lmk_id": body[14:16],
+        }  # fmt: skip
+        pos = 16
+        try:
+            for _ in range(int(body[12:14])):
+                pos += int(body[pos + 2 : pos + 4], 16)
+            encrypted, mac = bytes.fromhex(body[pos:-16]), bytes.fromhex(body[-16:])
+        except ValueError:
+            raise BackendError("83", "invalid key block data") from None
+        if not encrypted or len(encrypted) % 16:
+            raise BackendError("83", "key block data is not whole AES blocks")
+        kbek = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbek")
+        kbak = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbak")
+        expected = bytes(kbak.sign(body[:pos].encode("ascii") + encrypted, mechanism=Mechanism.AES_CMAC))[:8]
+        if not hmac.compare_digest(expected, mac):
+            raise BackendError("A4", "key block authentication failure")
+        clear = bytearray(
+            kbek.decrypt(encrypted, mechanism=Mechanism.AES_CBC, mechanism_param=body[:16].encode("ascii"))
+        )
+        bits = int.from_bytes(clear[:2], "big")
+        if bits % 8 or not 8 <= bits <= 8 * (len(clear) - 2):
+            clear[:] = bytes(len(clear))
+            raise BackendError("83", "key length in key block is invalid")
+        key = bytearray(clear[2 : 2 + bits // 8])
+        clear[:] = bytes(len(clear))
+        self.fallback_imports += 1
+        return header, key
+
 
 def _handles(entry: Any) -> tuple[Any, ...]:
     """The PKCS#11 objects inside a cache entry (a handle, a tuple of handles, or (header, handle))."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hsmproxy.commands import diag, pin
+from hsmproxy.commands import card, diag, keys, pin
 from hsmproxy.commands.base import Handler
 
 HANDLERS: dict[str, Handler] = {}
-for _family in (diag, pin):
+for _family in (diag, pin, keys, card):
     HANDLERS.update(_family.HANDLERS)

@@ -37,7 +37,11 @@ def encode(fmt: str, pin: str, account12: str, random_bytes: Callable[[int], byt
         rnd = "".join("0123456789ABCDEF"[b & 0x0F] for b in random_bytes(fill))
         return bytes.fromhex(f"1{n:X}{pin}{rnd}")
     if fmt == "47":
-        rnd = "".join("ABCDEF"[b % 6] for b in random_bytes(fill))
+        # Rejection sampling keeps the A-F fill uniform (b % 6 over 0..255 would not be).
+        rnd = ""
+        while len(rnd) < fill:
+            rnd += "".join("ABCDEF"[b % 6] for b in random_bytes(2 * fill) if b < 252)
+        rnd = rnd[:fill]
         return _xor(bytes.fromhex(f"3{n:X}{pin}{rnd}"), _account_field(account12))
     raise BackendError("23", "unsupported PIN block format")
 
@@ -50,10 +54,15 @@ def decode(fmt: str, block: bytes, account12: str) -> str:
     elif fmt == "05":
         text, control, fill_chars = block.hex().upper(), "1", "0123456789ABCDEF"
     elif fmt == "03":
+        # Diebold/IBM: the PIN runs to the first F (or the end); everything after it must be F.
         text = block.hex().upper()
-        pin = text.rstrip("F")
-        if not 4 <= len(pin) <= 12 or not pin.isdigit():
-            raise BackendError("20" if not pin.isdigit() else "24", "invalid PIN block")
+        n = text.find("F")
+        n = 16 if n < 0 else n
+        if not 4 <= n <= 12:
+            raise BackendError("24", "PIN length must be 4 to 12 digits")
+        pin = text[:n]
+        if not pin.isdigit() or text[n:] != "F" * (16 - n):
+            raise BackendError("20", "invalid PIN block")
         return pin
     else:
         raise BackendError("23", "unsupported PIN block format")
