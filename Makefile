@@ -8,6 +8,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 NODES := node-a node-b
+# Bump when the LMK ceremony creates different token objects, so ./var is reloaded.
+LMK_LAYOUT := 2
 
 .PHONY: run test lint typecheck unit deps softhsm emulator var bench clean
 
@@ -32,7 +34,8 @@ var: deps softhsm
 	    rm -f var/.lmk-loaded; \
 	  fi; \
 	done
-	@[ -f var/.lmk-loaded ] || { $(BIN)/hsmproxy lmk load --all --test --config config.toml && touch var/.lmk-loaded; }
+	@[ "$$(cat var/.lmk-loaded 2>/dev/null)" = "$(LMK_LAYOUT)" ] || { \
+	  $(BIN)/hsmproxy lmk load --all --test --config config.toml && echo "$(LMK_LAYOUT)" > var/.lmk-loaded; }
 
 ## test: lint, type-check and run the whole test suite
 test: deps softhsm lint typecheck unit
