@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsmproxy.backend.worker import NodeSpec
+from hsmproxy.backend.spec import NodeSpec
 
 
 class ConfigError(Exception):

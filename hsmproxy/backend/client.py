@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from hsmproxy.backend.worker import DEVICE_ERROR, NodeSpec, worker_main
+from hsmproxy.backend.spec import DEVICE_ERROR, NodeSpec, run_worker
 
 log = logging.getLogger("hsmproxy.node")
 
@@ -64,7 +64,7 @@ class NodeClient:
         self._loop = asyncio.get_running_loop()
         parent, child = _CTX.Pipe(duplex=True)
         proc = _CTX.Process(
-            target=worker_main, args=(self.spec, child), name=f"hsmproxy-node-{self.name}", daemon=True
+            target=run_worker, args=(self.spec, child), name=f"hsmproxy-node-{self.name}", daemon=True
         )
         proc.start()
         child.close()

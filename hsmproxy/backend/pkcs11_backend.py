@@ -31,6 +31,8 @@ from typing import Any
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from hsmproxy.backend.errors import BackendError, DeviceError
+
 #: Key-type variant bytes XORed into byte 0 of an LMK pair (variant 1..9).
 KEY_TYPE_VARIANTS = (0x00, 0xA6, 0x5A, 0x6A, 0xDE, 0x2B, 0x50, 0x74, 0x9C, 0xFA)
 #: Scheme variant bytes XORed into byte 8, per key half.
@@ -38,18 +40,6 @@ SCHEME_VARIANTS: Mapping[str, tuple[int, ...]] = {"U": (0xA6, 0x5A), "T": (0x6A,
 
 LMK_LABEL = "hsmproxy-lmk"
 KBLMK_LABEL = "hsmproxy-kblmk"
-
-
-class BackendError(Exception):
-    """A primitive failed; ``code`` is the payShield error code to answer with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class DeviceError(Exception):
-    """The device (token, session, module) failed: the node is unhealthy, retry elsewhere."""
 
 
 def lmk_object_label(lmk_id: str, pair: str, variant: int, scheme: str, half: int) -> str:

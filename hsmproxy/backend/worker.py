@@ -14,40 +14,15 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
 
 import pkcs11
 
-from hsmproxy.backend.pkcs11_backend import BackendError, DeviceError, Pkcs11Backend
-
-DEVICE_ERROR = "DEVICE"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSpec:
-    """Everything a worker needs to open its node (the PIN is read from file or env here)."""
-
-    name: str
-    module: str
-    token_label: str
-    pin_file: str = ""
-    pin_env: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-    strict_key_custody: bool = False
-    cache_size: int = 4096
-
-    def read_pin(self) -> str:
-        """The user PIN, from ``pin_file`` or the ``pin_env`` variable."""
-        if self.pin_file:
-            with open(self.pin_file, encoding="utf-8") as fh:
-                return fh.read().strip()
-        if self.pin_env:
-            value = os.environ.get(self.pin_env)
-            if value:
-                return value
-        raise DeviceError(f"node {self.name}: no PIN (set pin_file or pin_env)")
+from hsmproxy.backend.errors import BackendError, DeviceError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
+from hsmproxy.backend.spec import DEVICE_ERROR, NodeSpec
 
 
 def run_batch(

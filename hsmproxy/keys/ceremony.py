@@ -14,8 +14,9 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from hsmproxy.backend.pkcs11_backend import DeviceError, Pkcs11Backend
-from hsmproxy.backend.worker import NodeSpec
+from hsmproxy.backend.errors import DeviceError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
+from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.config import ConfigError, load_settings
 from hsmproxy.keys.lmk import load_keyblock_lmk, load_variant_lmk, prompt_components, test_lmks
 

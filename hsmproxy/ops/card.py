@@ -18,7 +18,8 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.ops.keyref import clear_working_key, resolve_key_halves
 from hsmproxy.ops.registry import OpResult, op
 

@@ -40,7 +40,8 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from pkcs11 import Mechanism
 
-from hsmproxy.backend.pkcs11_backend import KBLMK_LABEL, BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import KBLMK_LABEL, Pkcs11Backend
 from hsmproxy.ops.keyref import PAIR_OF_TYPE, key_handle
 from hsmproxy.ops.registry import OpResult, op
 

@@ -23,7 +23,8 @@ from typing import Any
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.ops.keyref import WorkingKey, clear_working_key
 from hsmproxy.ops.pin import USAGES, field, role_key, translate
 from hsmproxy.ops.registry import OpResult, op

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.ops.data import Scope, cbc, ecb, resolve, xor
 from hsmproxy.ops.mac import pad
 from hsmproxy.ops.registry import OpResult, op

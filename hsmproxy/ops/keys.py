@@ -39,7 +39,8 @@ from typing import Any
 
 from pkcs11 import Mechanism
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend, lmk_object_label
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend, lmk_object_label
 from hsmproxy.ops.keyref import PAIR_OF_TYPE
 from hsmproxy.ops.registry import OpResult, op
 

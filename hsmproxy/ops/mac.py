@@ -20,7 +20,8 @@ from typing import Any
 
 from pkcs11 import Mechanism
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.ops.data import Scope, WorkingKey, cbc, ecb, resolve
 from hsmproxy.ops.registry import OpResult, op
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from pkcs11 import Mechanism
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.ops import card, pinblock
 from hsmproxy.ops.keyref import WorkingKey, resolve_working_key
 from hsmproxy.ops.registry import OpResult, op

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.ops import card, pinblock
 from hsmproxy.ops.pin import account12, check_format, decrypt_pin, encrypt_pin, field, pvk_key, role_key
 from hsmproxy.ops.registry import OpResult, op

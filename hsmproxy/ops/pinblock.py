@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hsmproxy.backend.pkcs11_backend import BackendError
+from hsmproxy.backend.errors import BackendError
 
 FORMATS = frozenset({"01", "03", "05", "47"})
 

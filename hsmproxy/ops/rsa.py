@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from hsmproxy.backend.pkcs11_backend import BackendError, Pkcs11Backend, lmk_object_label
+from hsmproxy.backend.errors import BackendError
+from hsmproxy.backend.pkcs11_backend import Pkcs11Backend, lmk_object_label
 from hsmproxy.ops.data import cbc
 from hsmproxy.ops.mac import pad
 from hsmproxy.ops.registry import OpResult, op
