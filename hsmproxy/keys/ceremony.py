@@ -14,7 +14,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from hsmproxy.backend.errors import DeviceError
+from hsmproxy.backend.errors import BackendError, DeviceError
 from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.config import ConfigError, load_settings
@@ -42,6 +42,12 @@ def _list_node(spec: NodeSpec) -> list[str]:
         if "variant" in schemes:
             obj = backend.lmk_object(f"hsmproxy-lmk:{lmk_id}:00:0:-")
             check = backend.ecb_encrypt(obj, bytes(8)).hex().upper()
+        else:
+            try:
+                obj = backend.lmk_object(f"hsmproxy-kblmk:{lmk_id}:lmk")
+                check = backend.aes_cmac(obj, bytes(16))[:8].hex().upper()
+            except BackendError:
+                check = "(reload: no check object)"
         lines.append(f"{spec.name}\t{lmk_id}\t{'/'.join(sorted(schemes))}\t{check}")
     backend.close()
     return lines

@@ -63,8 +63,9 @@ class Proxy:
             ) -> HostCommandProtocol:
                 proto = HostCommandProtocol(d, inflight, on_close=self.connections.discard)
                 if len(self.connections) >= limit:
-                    proto.over_limit = True
-                self.connections.add(proto)
+                    proto.over_limit = True  # refused in connection_made, never counted
+                else:
+                    self.connections.add(proto)
                 return proto
 
             server = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=1024)
