@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -312,42 +313,27 @@ class Pkcs11Backend:
             clear[:] = bytes(len(clear))
         return tuple(self._cache_put(cache_key, parts))
 
-    def keyblock_key(self, lmk_id: str, block: str) -> tuple[dict[str, str], Any]:
-        """Verify and import a Thales key block (version 1, AES key-block LMK) -> (header, handle).
+    def open_keyblock(self, lmk_id: str, block: str) -> tuple[dict[str, str], bytearray]:
+        """Check and decrypt a version-1 Thales key block with the token's KBEK/KBAK objects.
 
-        The MAC (AES-CMAC under the KBAK object, header + encrypted data, 8 bytes) is checked and
-        the key data decrypted (AES-CBC under the KBEK object, IV = first 16 header characters),
-        both inside the token; the clear key then becomes a sensitive session object.
-        Errors: ``A1`` version, ``83`` format, ``A4`` authentication failure.
+        Returns the header fields and the clear key (the caller wipes it). Checks run in the
+        emulator's order: LMK loaded (``13``), header fields (``83``, ``AB``/``AC`` optional
+        blocks, ``A6``-``AA``), version (``A1``), length and data (``83``), MAC (``A4``).
         """
-        cache_key = (lmk_id, "S", block)
-        cached = self._cache_get(cache_key)
-        if cached is not None:
-            header_items, handle = cached
-            return dict(header_items), handle
-        body = block[1:] if block.startswith("S") else block
-        if len(body) < 16 or not body[1:5].isdigit() or int(body[1:5]) != len(body):
-            raise BackendError("83", "key block length field does not match")
-        if body[0] != "1":
-            raise BackendError("A1", "key block version does not match the LMK")
-        header = {
-            "version": body[0], "usage": body[5:7], "algorithm": body[7], "mode_of_use": body[8],
-            "key_version": body[9:11], "exportability": body[11], "lmk_id": body[14:16],
-        }  # fmt: skip
-        pos = 16
-        try:
-            for _ in range(int(body[12:14])):
-                pos += int(body[pos + 2 : pos + 4], 16)
-        except ValueError:
-            raise BackendError("83", "invalid optional block") from None
-        try:
-            encrypted, mac = bytes.fromhex(body[pos:-16]), bytes.fromhex(body[-16:])
-        except ValueError:
-            raise BackendError("83", "key block data is not hex") from None
-        if not encrypted or len(encrypted) % 16:
-            raise BackendError("83", "key block data is not whole AES blocks")
         kbek = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbek")
         kbak = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbak")
+        body = block[1:] if block.startswith("S") else block
+        header, pos = parse_keyblock_header(body)
+        if header["version"] != "1":
+            raise BackendError("A1", "key block version does not match the LMK")
+        if not body[1:5].isdecimal() or int(body[1:5]) != len(body):
+            raise BackendError("83", "key block length field does not match")
+        data = body[pos:]
+        if not _HEX.fullmatch(data) or len(data) < 16 + 32:
+            raise BackendError("83", "key block data is malformed")
+        encrypted, mac = bytes.fromhex(data[:-16]), bytes.fromhex(data[-16:])
+        if len(encrypted) % 16:
+            raise BackendError("83", "key block data is not whole AES blocks")
         expected = bytes(kbak.sign(body[:pos].encode("ascii") + encrypted, mechanism=Mechanism.AES_CMAC))[:8]
         if not hmac.compare_digest(expected, mac):
             raise BackendError("A4", "key block authentication failure")
@@ -358,14 +344,41 @@ class Pkcs11Backend:
             bits = int.from_bytes(clear[:2], "big")
             if bits % 8 or not 8 <= bits <= 8 * (len(clear) - 2):
                 raise BackendError("83", "key length in key block is invalid")
-            handle = self.create_session_key(
-                clear[2 : 2 + bits // 8], "A" if header["algorithm"] == "A" else "T"
-            )
+            key = bytearray(clear[2 : 2 + bits // 8])
         finally:
             clear[:] = bytes(len(clear))
         self.fallback_imports += 1
+        return header, key
+
+    def keyblock_key(self, lmk_id: str, block: str) -> tuple[dict[str, str], Any]:
+        """Verify and import a Thales key block (version 1, AES key-block LMK) -> (header, handle).
+
+        The MAC (AES-CMAC under the KBAK object, header + encrypted data, 8 bytes) is checked and
+        the key data decrypted (AES-CBC under the KBEK object, IV = first 16 header characters),
+        both inside the token; the clear key then becomes a sensitive session object (cached).
+        """
+        cache_key = (lmk_id, "S", block)
+        cached = self._cache_get(cache_key)
+        if cached is not None:
+            header_items, handle = cached
+            return dict(header_items), handle
+        header, key = self.open_keyblock(lmk_id, block)
+        try:
+            handle = self.create_session_key(key, "A" if header["algorithm"] == "A" else "T")
+        finally:
+            key[:] = bytes(len(key))
         self._cache_put(cache_key, (tuple(header.items()), handle))
         return header, handle
+
+    def keyblock_clear(self, lmk_id: str, block: str) -> tuple[dict[str, str], bytearray]:
+        """The header and clear key of a Thales key block (fallback path; the caller wipes it).
+
+        For compositions PKCS#11 cannot do with a handle (DUKPT derivation from a BDK, CVV's
+        single-DES halves). Refused under strict key custody (``68``).
+        """
+        if self.strict_key_custody:
+            raise BackendError("68", "strict key custody: this node cannot release key-block keys")
+        return self.open_keyblock(lmk_id, block)
 
     def create_session_key(self, clear: bytes | bytearray, algorithm: str = "T") -> Any:
         """A sensitive session object from clear bytes held by this worker (derived keys)."""
@@ -425,48 +438,47 @@ class Pkcs11Backend:
         except pkcs11.PKCS11Error:
             pass
 
-    def keyblock_clear(self, lmk_id: str, block: str) -> tuple[dict[str, str], bytearray]:
-        """The header and clear key of a Thales key block (fallback path; the caller wipes it).
 
-        For compositions PKCS#11 cannot do with a handle (DUKPT derivation from a BDK, CVV's
-        single-DES halves). Checks as :meth:`keyblock_key`; refused under strict key custody (``68``).
-        """
-        if self.strict_key_custody:
-            raise BackendError("68", "strict key custody: this node cannot release key-block keys")
-        body = block[1:] if block.startswith("S") else block
-        if len(body) < 16 or not body[1:5].isdigit() or int(body[1:5]) != len(body):
-            raise BackendError("83", "key block length field does not match")
-        if body[0] != "1":
-            raise BackendError("A1", "key block version does not match the LMK")
-        header = {
-            "version": body[0], "usage": body[5:7], "algorithm": body[7], "mode_of_use": body[8],
-            "key_version": body[9:11], "exportability": body[11], "lmk_id": body[14:16],
-        }  # fmt: skip
-        pos = 16
-        try:
-            for _ in range(int(body[12:14])):
-                pos += int(body[pos + 2 : pos + 4], 16)
-            encrypted, mac = bytes.fromhex(body[pos:-16]), bytes.fromhex(body[-16:])
-        except ValueError:
-            raise BackendError("83", "invalid key block data") from None
-        if not encrypted or len(encrypted) % 16:
-            raise BackendError("83", "key block data is not whole AES blocks")
-        kbek = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbek")
-        kbak = self.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbak")
-        expected = bytes(kbak.sign(body[:pos].encode("ascii") + encrypted, mechanism=Mechanism.AES_CMAC))[:8]
-        if not hmac.compare_digest(expected, mac):
-            raise BackendError("A4", "key block authentication failure")
-        clear = bytearray(
-            kbek.decrypt(encrypted, mechanism=Mechanism.AES_CBC, mechanism_param=body[:16].encode("ascii"))
-        )
-        bits = int.from_bytes(clear[:2], "big")
-        if bits % 8 or not 8 <= bits <= 8 * (len(clear) - 2):
-            clear[:] = bytes(len(clear))
-            raise BackendError("83", "key length in key block is invalid")
-        key = bytearray(clear[2 : 2 + bits // 8])
-        clear[:] = bytes(len(clear))
-        self.fallback_imports += 1
-        return header, key
+_KB_ALGORITHMS = frozenset("ADTEHRS")
+_KB_MODES = frozenset("BCDEGNSTVXY")
+_KB_EXPORTABILITY = frozenset("ENS")
+_ALNUM2 = re.compile(r"[0-9A-Z]{2}")
+_HEX = re.compile(r"[0-9A-Fa-f]*")
+
+
+def parse_keyblock_header(body: str) -> tuple[dict[str, str], int]:
+    """Validate a Thales key block header (and its optional blocks); return fields and data offset."""
+    if len(body) < 16 or not body[:16].isascii() or not body[:16].isalnum():
+        raise BackendError("83", "key block header is malformed")
+    if not body[12:14].isdecimal():
+        raise BackendError("AB", "invalid number of optional blocks")
+    pos = 16
+    for _ in range(int(body[12:14])):
+        block_id, length_hex = body[pos : pos + 2], body[pos + 2 : pos + 4]
+        if len(length_hex) != 2 or not _HEX.fullmatch(length_hex) or int(length_hex, 16) < 4:
+            raise BackendError("AC", "optional block is malformed")
+        end = pos + int(length_hex, 16)
+        if end > len(body):
+            raise BackendError("AC", "optional block is truncated")
+        if not _ALNUM2.fullmatch(block_id) or not body[pos + 4 : end].isascii():
+            raise BackendError("AC", "invalid optional block")
+        pos = end
+    h = {
+        "version": body[0], "usage": body[5:7], "algorithm": body[7], "mode_of_use": body[8],
+        "key_version": body[9:11], "exportability": body[11], "lmk_id": body[14:16],
+    }  # fmt: skip
+    for ok, code in (
+        (h["version"] in ("0", "1"), "83"),
+        (bool(_ALNUM2.fullmatch(h["usage"])), "A6"),
+        (h["algorithm"] in _KB_ALGORITHMS, "A7"),
+        (h["mode_of_use"] in _KB_MODES, "A8"),
+        (bool(_ALNUM2.fullmatch(h["key_version"])), "A9"),
+        (h["exportability"] in _KB_EXPORTABILITY, "AA"),
+        (h["lmk_id"].isdecimal(), "83"),
+    ):
+        if not ok:
+            raise BackendError(code, "invalid key block header field")
+    return h, pos
 
 
 def _handles(entry: Any) -> tuple[Any, ...]:

@@ -29,8 +29,6 @@ data for ECB/CBC.
 
 from __future__ import annotations
 
-import hmac
-import re
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -54,11 +52,6 @@ USAGES_BY_PAIR: dict[str, frozenset[str]] = {
     "0B": frozenset({"D0", "21", "23"}),
 }
 _SCHEME_BYTES = {"": 8, "Z": 8, "U": 16, "X": 16, "T": 24, "Y": 24}
-_ALGORITHMS = frozenset("ADTEHRS")
-_MODES = frozenset("BCDEGNSTVXY")
-_EXPORTABILITY = frozenset("ENS")
-_ALNUM2 = re.compile(r"[0-9A-Z]{2}")
-_HEX = re.compile(r"[0-9A-Fa-f]*")
 
 
 def xor(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
@@ -144,71 +137,12 @@ def keyblock_lmk_id(backend: Pkcs11Backend, a: dict[str, Any]) -> str:
     raise BackendError("13", "no key-block LMK is loaded")
 
 
-def _header(body: str) -> tuple[dict[str, str], int]:
-    if len(body) < 16 or not body[:16].isascii() or not body[:16].isalnum():
-        raise BackendError("83", "key block header is malformed")
-    if not body[12:14].isdecimal():
-        raise BackendError("AB", "invalid number of optional blocks")
-    pos = 16
-    for _ in range(int(body[12:14])):
-        block_id, length_hex = body[pos : pos + 2], body[pos + 2 : pos + 4]
-        if len(length_hex) != 2 or not _HEX.fullmatch(length_hex) or int(length_hex, 16) < 4:
-            raise BackendError("AC", "optional block is malformed")
-        end = pos + int(length_hex, 16)
-        if end > len(body):
-            raise BackendError("AC", "optional block is truncated")
-        if not _ALNUM2.fullmatch(block_id) or not body[pos + 4 : end].isascii():
-            raise BackendError("AC", "invalid optional block")
-        pos = end
-    h = {"version": body[0], "usage": body[5:7], "algorithm": body[7], "mode_of_use": body[8]}
-    for ok, code in (
-        (h["version"] in ("0", "1"), "83"),
-        (bool(_ALNUM2.fullmatch(h["usage"])), "A6"),
-        (h["algorithm"] in _ALGORITHMS, "A7"),
-        (h["mode_of_use"] in _MODES, "A8"),
-        (bool(_ALNUM2.fullmatch(body[9:11])), "A9"),
-        (body[11] in _EXPORTABILITY, "AA"),
-        (body[14:16].isdecimal(), "83"),
-    ):
-        if not ok:
-            raise BackendError(code, "invalid key block header field")
-    return h, pos
-
-
 def keyblock_clear(backend: Pkcs11Backend, lmk_id: str, block: str) -> tuple[dict[str, str], bytearray]:
-    """Verify and decrypt a Thales key block (AES key-block LMK) with the LMK objects -> (header, clear).
+    """Verify and decrypt a Thales key block with the LMK objects -> (header, clear key).
 
     Fallback path (the clear key is in the worker for this operation; the caller wipes it).
     """
-    kbek = backend.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbek")
-    kbak = backend.lmk_object(f"{KBLMK_LABEL}:{lmk_id}:kbak")
-    body = block[1:] if block.startswith("S") else block
-    header, pos = _header(body)
-    if header["version"] != "1":
-        raise BackendError("A1", "key block version does not match the LMK")
-    if not body[1:5].isdecimal() or int(body[1:5]) != len(body):
-        raise BackendError("83", "key block length field does not match")
-    data = body[pos:]
-    if not _HEX.fullmatch(data) or len(data) < 16 + 32:
-        raise BackendError("83", "key block data is malformed")
-    encrypted, mac = bytes.fromhex(data[:-16]), bytes.fromhex(data[-16:])
-    if len(encrypted) % 16:
-        raise BackendError("83", "key block data is not whole AES blocks")
-    expected = bytes(kbak.sign(body[:pos].encode("ascii") + encrypted, mechanism=Mechanism.AES_CMAC))[:8]
-    if not hmac.compare_digest(expected, mac):
-        raise BackendError("A4", "key block authentication failure")
-    clear = bytearray(
-        kbek.decrypt(encrypted, mechanism=Mechanism.AES_CBC, mechanism_param=body[:16].encode("ascii"))
-    )
-    try:
-        bits = int.from_bytes(clear[:2], "big")
-        if bits % 8 or not 8 <= bits <= 8 * (len(clear) - 2):
-            raise BackendError("83", "key length in key block is invalid")
-        key = bytearray(clear[2 : 2 + bits // 8])
-    finally:
-        clear[:] = bytes(len(clear))
-    backend.fallback_imports += 1
-    return header, key
+    return backend.open_keyblock(lmk_id, block)
 
 
 def resolve(

@@ -117,6 +117,62 @@ PIN_LMK_LENGTH: Final = 16
 #: GM hash identifier -> digest length in bytes.
 HASH_LENGTHS: Final[Mapping[str, int]] = {"01": 20, "05": 28, "06": 32, "07": 48, "08": 64}
 
+#: M6 and M8 share their request up to the message: mode, formats, algorithm, key, [IV], message.
+_MAC_REQUEST_HEAD: Final = (
+    Fixed("mode", 1, NUM),
+    Fixed("input_format", 1, NUM),
+    Fixed("mac_size", 1, NUM),
+    Fixed("mac_algorithm", 1, NUM),
+    Fixed("padding", 1, NUM),
+    Fixed("key_type", 3, ALNUM, error="04"),
+    Key("key"),
+    When("mode", _one("2", "3"), (ByKeyAlgorithm("iv", "key", 16, 32),)),
+    Fixed("message_length", 4, HEX, error="80"),
+    Counted("message", "message_length"),
+)
+
+
+def _verify_ibm(code: str, name: str, pin_key: str) -> CommandSpec:
+    """DA (TPK) / EA (ZPK): verify a PIN block against an IBM 3624 offset."""
+    return CommandSpec(
+        code,
+        name,
+        (
+            Key(pin_key),
+            Key("pvk"),
+            Fixed("max_pin_length", 2, NUM, error="24"),
+            _pin_block("pin_block", pin_key),
+            Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
+            Fixed("check_length", 2, NUM, error="15"),
+            *ACCOUNT_FOR("format"),
+            Fixed("decimalisation_table", 16, HEX, error="25"),
+            Fixed("validation_data", 12, ALNUM),
+            Fixed("offset", 12, ALNUM),
+            LMK_ID,
+        ),
+        (),
+    )
+
+
+def _verify_pvv(code: str, name: str, pin_key: str) -> CommandSpec:
+    """DC (TPK) / EC (ZPK): verify a PIN block against a Visa PVV."""
+    return CommandSpec(
+        code,
+        name,
+        (
+            Key(pin_key),
+            Key("pvk", untagged_length=32),
+            _pin_block("pin_block", pin_key),
+            Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
+            *ACCOUNT_FOR("format"),
+            Fixed("pvki", 1, NUM),
+            Fixed("pvv", 4, NUM),
+            LMK_ID,
+        ),
+        (),
+    )
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 _SPECS: tuple[CommandSpec, ...] = (
@@ -348,72 +404,10 @@ _SPECS: tuple[CommandSpec, ...] = (
         (_pin_block("pin_block", "zpk"),),
     ),
     # PIN verification (IBM 3624, Visa PVV)
-    CommandSpec(
-        "DA",
-        "Verify a terminal PIN (IBM 3624)",
-        (
-            Key("tpk"),
-            Key("pvk"),
-            Fixed("max_pin_length", 2, NUM, error="24"),
-            _pin_block("pin_block", "tpk"),
-            Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            Fixed("check_length", 2, NUM, error="15"),
-            *ACCOUNT_FOR("format"),
-            Fixed("decimalisation_table", 16, HEX, error="25"),
-            Fixed("validation_data", 12, ALNUM),
-            Fixed("offset", 12, ALNUM),
-            LMK_ID,
-        ),
-        (),
-    ),
-    CommandSpec(
-        "EA",
-        "Verify an interchange PIN (IBM 3624)",
-        (
-            Key("zpk"),
-            Key("pvk"),
-            Fixed("max_pin_length", 2, NUM, error="24"),
-            _pin_block("pin_block", "zpk"),
-            Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            Fixed("check_length", 2, NUM, error="15"),
-            *ACCOUNT_FOR("format"),
-            Fixed("decimalisation_table", 16, HEX, error="25"),
-            Fixed("validation_data", 12, ALNUM),
-            Fixed("offset", 12, ALNUM),
-            LMK_ID,
-        ),
-        (),
-    ),
-    CommandSpec(
-        "DC",
-        "Verify a terminal PIN (Visa PVV)",
-        (
-            Key("tpk"),
-            Key("pvk", untagged_length=32),
-            _pin_block("pin_block", "tpk"),
-            Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            *ACCOUNT_FOR("format"),
-            Fixed("pvki", 1, NUM),
-            Fixed("pvv", 4, NUM),
-            LMK_ID,
-        ),
-        (),
-    ),
-    CommandSpec(
-        "EC",
-        "Verify an interchange PIN (Visa PVV)",
-        (
-            Key("zpk"),
-            Key("pvk", untagged_length=32),
-            _pin_block("pin_block", "zpk"),
-            Fixed("format", 2, NUM, error=PIN_FORMAT_ERROR),
-            *ACCOUNT_FOR("format"),
-            Fixed("pvki", 1, NUM),
-            Fixed("pvv", 4, NUM),
-            LMK_ID,
-        ),
-        (),
-    ),
+    _verify_ibm("DA", "Verify a terminal PIN (IBM 3624)", "tpk"),
+    _verify_ibm("EA", "Verify an interchange PIN (IBM 3624)", "zpk"),
+    _verify_pvv("DC", "Verify a terminal PIN (Visa PVV)", "tpk"),
+    _verify_pvv("EC", "Verify an interchange PIN (Visa PVV)", "zpk"),
     CommandSpec(
         "DE",
         "Generate an IBM PIN offset from a PIN under LMK",
@@ -531,16 +525,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "M6",
         "Generate a MAC",
         (
-            Fixed("mode", 1, NUM),
-            Fixed("input_format", 1, NUM),
-            Fixed("mac_size", 1, NUM),
-            Fixed("mac_algorithm", 1, NUM),
-            Fixed("padding", 1, NUM),
-            Fixed("key_type", 3, ALNUM, error="04"),
-            Key("key"),
-            When("mode", _one("2", "3"), (ByKeyAlgorithm("iv", "key", 16, 32),)),
-            Fixed("message_length", 4, HEX, error="80"),
-            Counted("message", "message_length"),
+            *_MAC_REQUEST_HEAD,
             LMK_ID,
         ),
         (
@@ -552,16 +537,7 @@ _SPECS: tuple[CommandSpec, ...] = (
         "M8",
         "Verify a MAC",
         (
-            Fixed("mode", 1, NUM),
-            Fixed("input_format", 1, NUM),
-            Fixed("mac_size", 1, NUM),
-            Fixed("mac_algorithm", 1, NUM),
-            Fixed("padding", 1, NUM),
-            Fixed("key_type", 3, ALNUM, error="04"),
-            Key("key"),
-            When("mode", _one("2", "3"), (ByKeyAlgorithm("iv", "key", 16, 32),)),
-            Fixed("message_length", 4, HEX, error="80"),
-            Counted("message", "message_length"),
+            *_MAC_REQUEST_HEAD,
             When("mode", _one("0", "3"), (When("mac_size", _one("0"), (Fixed("mac", 8, HEX),)),)),
             When("mode", _one("0", "3"), (When("mac_size", _one("1"), (Fixed("mac", 16, HEX),)),)),
             LMK_ID,

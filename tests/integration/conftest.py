@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
 
 from emulator.app import build_state
-from emulator.hsm import EmulatorHsm
+from emulator.hsm import EmulatorHsm, Handler
 from emulator.server import HostCommandProtocol
 from protocols.framing import Framer, encode_frame
 
@@ -24,18 +25,22 @@ class RunningEmulator:
     port: int
     hsm: EmulatorHsm
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port)."""
+        return (self.host, self.port)
 
-@pytest.fixture(scope="session")
-def emulator() -> Iterator[RunningEmulator]:
-    """A session-wide emulator (header length 4, test LMKs) on an ephemeral loopback port."""
-    hsm = EmulatorHsm(build_state(header_length=4))
+
+@contextmanager
+def running_emulator(handlers: Mapping[str, Handler] | None = None) -> Iterator[RunningEmulator]:
+    """An emulator (header length 4, test LMKs) on an ephemeral loopback port, stopped on exit."""
+    hsm = EmulatorHsm(build_state(header_length=4), handlers)
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict[str, object] = {}
 
     async def main() -> None:
         server = await loop.create_server(lambda: HostCommandProtocol(hsm), "127.0.0.1", 0)
-        holder["server"] = server
         holder["port"] = server.sockets[0].getsockname()[1]
         started.set()
         async with server:
@@ -57,11 +62,20 @@ def emulator() -> Iterator[RunningEmulator]:
     assert started.wait(10), "emulator did not start"
     port = holder["port"]
     assert isinstance(port, int)
-    yield RunningEmulator("127.0.0.1", port, hsm)
-    task = holder["task"]
-    assert isinstance(task, asyncio.Task)
-    loop.call_soon_threadsafe(task.cancel)
-    thread.join(10)
+    try:
+        yield RunningEmulator("127.0.0.1", port, hsm)
+    finally:
+        task = holder["task"]
+        assert isinstance(task, asyncio.Task)
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[RunningEmulator]:
+    """A session-wide emulator (header length 4, test LMKs) on an ephemeral loopback port."""
+    with running_emulator() as running:
+        yield running
 
 
 class HsmClient:

@@ -5,23 +5,18 @@ Each test starts its own emulators on loopback ports (the pattern of conftest.py
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 
 import pytest
 
 from conformance.runner import run_conformance
-from emulator.app import build_state
 from emulator.commands import HANDLERS
-from emulator.hsm import EmulatorHsm, Handler, Reply
-from emulator.server import HostCommandProtocol
+from emulator.hsm import Reply
 from emulator.state import EmulatorState
 from protocols.hostcmd.fields import Values
 from protocols.hostcmd.table import COMMANDS
+from tests.integration.conftest import RunningEmulator, running_emulator
 
 # Two emulators run in two threads of this process. emulator.crypto.cipher.legacy_tdes() silences
 # cryptography's TripleDES deprecation warning with warnings.catch_warnings(), which is process-wide
@@ -30,51 +25,11 @@ from protocols.hostcmd.table import COMMANDS
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 
 
-@contextmanager
-def running_emulator(handlers: Mapping[str, Handler] | None = None) -> Iterator[tuple[str, int]]:
-    """An emulator (header length 4, test LMKs) on an ephemeral loopback port, stopped on exit."""
-    hsm = EmulatorHsm(build_state(header_length=4), handlers)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, object] = {}
-
-    async def main() -> None:
-        server = await loop.create_server(lambda: HostCommandProtocol(hsm), "127.0.0.1", 0)
-        holder["port"] = server.sockets[0].getsockname()[1]
-        started.set()
-        async with server:
-            await server.serve_forever()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        task = loop.create_task(main())
-        holder["task"] = task
-        try:
-            loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="conformance-emulator", daemon=True)
-    thread.start()
-    assert started.wait(10), "emulator did not start"
-    port = holder["port"]
-    assert isinstance(port, int)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        task = holder["task"]
-        assert isinstance(task, asyncio.Task)
-        loop.call_soon_threadsafe(task.cancel)
-        thread.join(10)
-
-
 def _run(
-    reference: tuple[str, int], target: tuple[str, int], **kwargs: object
+    reference: RunningEmulator, target: RunningEmulator, **kwargs: object
 ) -> tuple[int, dict[str, object]]:
     out = io.StringIO()
-    code = run_conformance(reference, target, 4, as_json=True, out=out, **kwargs)  # type: ignore[arg-type]
+    code = run_conformance(reference.address, target.address, 4, as_json=True, out=out, **kwargs)  # type: ignore[arg-type]
     return code, json.loads(out.getvalue())
 
 
@@ -144,8 +99,12 @@ def test_target_missing_a_command_differs() -> None:
 def test_text_table_and_unreachable_target() -> None:
     with running_emulator() as reference:
         out = io.StringIO()
-        code = run_conformance(reference, reference, 4, None, 3, 1, ["NC", "B2"], False, out=out)
+        code = run_conformance(
+            reference.address, reference.address, 4, None, 3, 1, ["NC", "B2"], False, out=out
+        )
         text = out.getvalue()
         assert code == 0
         assert "command" in text and "unsupported" in text and "PASS" in text
-        assert run_conformance(reference, ("127.0.0.1", 9), 4, None, 1, 1, ["NC"], False, out=out) == 2
+        assert (
+            run_conformance(reference.address, ("127.0.0.1", 9), 4, None, 1, 1, ["NC"], False, out=out) == 2
+        )
