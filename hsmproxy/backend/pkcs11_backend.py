@@ -100,11 +100,14 @@ class Pkcs11Backend:
         self.strict_key_custody = strict_key_custody
         self.cache_size = cache_size
         self.fallback_imports = 0
+        self.native_unwraps = 0
         self.cache_hits = 0
         self.cache_misses = 0
         self._lmk: dict[str, Any] = {}
         self._keys: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # handle or tuple of handles
         self.info = self._probe()
+        #: The module unwraps DES3-ECB cryptograms itself (used for keys without scheme variants).
+        self.native_unwrap = self.info.mechanisms.get("des3_ecb_unwrap", False)
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -287,6 +290,25 @@ class Pkcs11Backend:
         handle = self._cache_get(cache_key)
         if handle is not None:
             return handle
+        scheme = cryptogram[0] if cryptogram[:1] in ("U", "T", "X", "Y", "Z") else ""
+        if self.native_unwrap and scheme not in SCHEME_VARIANTS:
+            # Both halves sit under the same LMK variant: one C_UnwrapKey, the clear key never
+            # leaves the token. (The token, not us, then decides about parity.)
+            lmk = self.lmk_object(lmk_object_label(lmk_id, pair, variant, scheme, 0))
+            data = bytes.fromhex(cryptogram[1:] if scheme else cryptogram)
+            if len(data) == 8:
+                data = data + data
+            handle = lmk.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                _des_key_type(len(data)),
+                data,
+                mechanism=Mechanism.DES3_ECB,
+                template={Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.SIGN: True,
+                          Attribute.VERIFY: True},
+            )  # fmt: skip
+            self.native_unwraps += 1
+            return self._cache_put(cache_key, handle)
         clear = self.decrypt_cryptogram(lmk_id, pair, variant, cryptogram)
         try:
             if not all(bin(b).count("1") % 2 for b in clear):

@@ -90,7 +90,7 @@ def worker_main(spec: NodeSpec, conn: Connection) -> None:
                         "stats",
                         {
                             "fallback_imports": backend.fallback_imports,
-                            "cache_hits": backend.cache_hits,
+                            "cache_hits": backend.cache_hits, "native_unwraps": backend.native_unwraps,
                             "cache_misses": backend.cache_misses,
                         },
                     )
