@@ -33,8 +33,14 @@ def _backend(native: bool, strict: bool = False) -> tuple[Pkcs11Backend, list[tu
     b.cache_size = 8
     b.cache_hits = b.cache_misses = b.fallback_imports = b.native_unwraps = 0
     b._keys = OrderedDict()
-    b.lmk_object = lambda label: _FakeLmk(label, calls)  # type: ignore[method-assign,assignment]
-    b._create_des = lambda value, token: f"created:{value.hex()}"  # type: ignore[method-assign,assignment]
+    def lmk_object(label: str) -> _FakeLmk:
+        return _FakeLmk(label, calls)
+
+    def create_des(value: bytes, *, token: bool) -> str:
+        return f"created:{value.hex()}"
+
+    b.lmk_object = lmk_object  # type: ignore[method-assign]
+    b._create_des = create_des  # type: ignore[method-assign,assignment]
     return b, calls
 
 
