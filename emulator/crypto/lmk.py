@@ -190,12 +190,22 @@ def adjust_parity(key: bytes) -> bytes:
     return bytes(psec.des.adjust_key_parity(key))
 
 
+#: The key types payShield defines (PROTOCOL.md key type table), by pair code: allowed variants.
+KEY_TYPE_VARIANTS_BY_CODE: dict[str, frozenset[int]] = {
+    "00": frozenset(range(5)), "01": frozenset({0}), "02": frozenset({0, 1, 2, 4, 6}),
+    "03": frozenset({0, 1}), "04": frozenset({0}), "06": frozenset({0}), "07": frozenset(range(1, 10)),
+    "08": frozenset({0}), "09": frozenset(range(9)), "0A": frozenset({0}), "0B": frozenset({0}),
+    "0C": frozenset({0, 1}), "0D": frozenset({0}),
+}  # fmt: skip
+
+
 def parse_key_type(key_type: str) -> tuple[str, int]:
-    """Split a 3-character key type code ``VPP`` into (LMK pair code, variant)."""
+    """Split a 3-character key type code ``VPP`` into (LMK pair code, variant); ``04`` if undefined."""
     if len(key_type) != 3 or not key_type[0].isdigit():
         raise CryptoError("04", "invalid key type code")
-    pair = KEY_TYPE_PAIRS.get(key_type[1:].upper())
-    if pair is None:
+    code = key_type[1:].upper()
+    pair = KEY_TYPE_PAIRS.get(code)
+    if pair is None or int(key_type[0]) not in KEY_TYPE_VARIANTS_BY_CODE.get(code, frozenset()):
         raise CryptoError("04", "invalid key type code")
     return pair, int(key_type[0])
 

@@ -40,7 +40,7 @@ from pkcs11 import Mechanism
 
 from hsmproxy.backend.errors import BackendError
 from hsmproxy.backend.pkcs11_backend import KBLMK_LABEL, Pkcs11Backend
-from hsmproxy.ops.keyref import PAIR_OF_TYPE, key_handle
+from hsmproxy.ops.keyref import key_handle, pair_and_variant
 from hsmproxy.ops.registry import OpResult, op
 
 #: Key-block usages accepted where a command expects a variant key type (by its pair code).
@@ -176,7 +176,7 @@ def resolve(
     lmk_id = str(a["lmk_id"])
     handle = key_handle(backend, lmk_id, key_type, value, parity_error)
     scheme = value[0] if value[:1] in ("U", "T", "X", "Y", "Z") else ""
-    pair, variant = PAIR_OF_TYPE[key_type[1:].upper()], int(key_type[0])
+    pair, variant = pair_and_variant(key_type)
     return WorkingKey(
         "T",
         _SCHEME_BYTES[scheme],

@@ -16,13 +16,27 @@ PAIR_OF_TYPE = {
 SCHEME_HEX = {"": 16, "Z": 16, "U": 32, "X": 32, "T": 48, "Y": 48}
 
 
+#: Key-type variants payShield defines per pair code (PROTOCOL.md); other codes answer ``04``.
+VARIANTS_OF_TYPE = {
+    "00": "01234", "01": "0", "02": "01246", "03": "01", "04": "0", "06": "0", "07": "123456789",
+    "08": "0", "09": "012345678", "0A": "0", "0B": "0", "0C": "01", "0D": "0",
+}  # fmt: skip
+
+
+def pair_and_variant(key_type: str) -> tuple[str, int]:
+    """The LMK pair and key-type variant of a 3-character key type code; ``04`` if it is not one."""
+    pp = key_type[1:].upper()
+    pair = PAIR_OF_TYPE.get(pp)
+    if len(key_type) != 3 or pair is None or key_type[0] not in VARIANTS_OF_TYPE[pp]:
+        raise BackendError("04", "invalid key type code")
+    return pair, int(key_type[0])
+
+
 def key_handle(
     backend: Pkcs11Backend, lmk_id: str, key_type: str, cryptogram: str, parity_error: str = "10"
 ) -> Any:
     """The handle of a working key given as ``[scheme]hex`` under LMK ``lmk_id`` and type ``VPP``."""
-    pair = PAIR_OF_TYPE.get(key_type[1:].upper())
-    if pair is None or not key_type[0].isdigit():
-        raise BackendError("04", "invalid key type code")
+    pair, _variant = pair_and_variant(key_type)
     scheme = cryptogram[0] if cryptogram[:1] in ("U", "T", "X", "Y", "Z") else ""
     body = cryptogram[1:] if scheme else cryptogram
     if len(body) == 32 and not scheme:
@@ -79,9 +93,7 @@ def _check_usage(header: dict[str, str], key_type: str, usages: frozenset[str] |
 
 def _variant_cryptogram(key_type: str, cryptogram: str) -> tuple[str, int, str, int]:
     """(pair, variant, normalised cryptogram, key bytes) of a variant key reference."""
-    pair = PAIR_OF_TYPE.get(key_type[1:].upper())
-    if pair is None or not key_type[0].isdigit():
-        raise BackendError("04", "invalid key type code")
+    pair, _variant = pair_and_variant(key_type)
     scheme = cryptogram[0] if cryptogram[:1] in ("U", "T", "X", "Y", "Z") else ""
     body = cryptogram[1:] if scheme else cryptogram
     if len(body) == 32 and not scheme:

@@ -41,7 +41,7 @@ from pkcs11 import Mechanism
 
 from hsmproxy.backend.errors import BackendError
 from hsmproxy.backend.pkcs11_backend import Pkcs11Backend, lmk_object_label
-from hsmproxy.ops.keyref import PAIR_OF_TYPE
+from hsmproxy.ops.keyref import pair_and_variant
 from hsmproxy.ops.registry import OpResult, op
 
 #: Key scheme -> clear key length in bytes (``0`` is single length, untagged).
@@ -147,10 +147,7 @@ def _keyblock_lmk(backend: Pkcs11Backend, a: dict[str, Any]) -> str:
 
 
 def _parse_type(key_type: str) -> tuple[str, int]:
-    pair = PAIR_OF_TYPE.get(key_type[1:].upper())
-    if len(key_type) != 3 or not key_type[0].isdigit() or pair is None:
-        raise BackendError("04", "invalid key type code")
-    return pair, int(key_type[0])
+    return pair_and_variant(key_type)
 
 
 def _check_type(key_type: str) -> None:

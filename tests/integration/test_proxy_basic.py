@@ -54,6 +54,9 @@ def _requests() -> list[bytes]:
         b"CA" + tpk + zx + b"12" + tblock + b"0103" + acct + b"\x19trailer",
         b"CCQ123",
         b"ZZ",
+        b"BUFF1" + za + b";904;001",  # key type 904 is not defined: 04 on both
+        b"A00" + b"904U",
+        b"A00" + b"302U",  # 302 (IKEY) is a valid-looking code payShield does not define here: 04
     ]
 
 
