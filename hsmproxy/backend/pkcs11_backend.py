@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ KEY_TYPE_VARIANTS = (0x00, 0xA6, 0x5A, 0x6A, 0xDE, 0x2B, 0x50, 0x74, 0x9C, 0xFA)
 SCHEME_VARIANTS: Mapping[str, tuple[int, ...]] = {"U": (0xA6, 0x5A), "T": (0x6A, 0xDE, 0x2B)}
 
 LMK_LABEL = "hsmproxy-lmk"
+#: Seconds a failed LMK object lookup is remembered.
+LMK_MISS_TTL = 5.0
 KBLMK_LABEL = "hsmproxy-kblmk"
 
 
@@ -104,6 +107,7 @@ class Pkcs11Backend:
         self.cache_hits = 0
         self.cache_misses = 0
         self._lmk: dict[str, Any] = {}
+        self._lmk_missing: dict[str, float] = {}
         self._keys: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # handle or tuple of handles
         self.info = self._probe()
         #: The module unwraps DES3-ECB cryptograms itself (used for keys without scheme variants).
@@ -216,18 +220,27 @@ class Pkcs11Backend:
         else:
             self._create_des(value, token=True, label=label)
         self._lmk.pop(label, None)
+        self._lmk_missing.pop(label, None)
 
     def lmk_object(self, label: str) -> Any:
         """The LMK token object with ``label`` (cached handle); ``13`` if it is not loaded."""
         obj = self._lmk.get(label)
         if obj is None:
+            # A miss is remembered briefly so that requests naming an absent LMK (or probing for a
+            # key-block LMK) do not search the token each time; an LMK loaded later is seen soon.
+            missed_at = self._lmk_missing.get(label)
+            now = time.monotonic()
+            if missed_at is not None and now - missed_at < LMK_MISS_TTL:
+                raise BackendError("13", "LMK is not loaded on this node")
             found = list(
                 self.session.get_objects({Attribute.LABEL: label, Attribute.CLASS: ObjectClass.SECRET_KEY})
             )
             if not found:
+                self._lmk_missing[label] = now
                 raise BackendError("13", "LMK is not loaded on this node")
             obj = found[0]
             self._lmk[label] = obj
+            self._lmk_missing.pop(label, None)
         return obj
 
     def lmk_labels(self) -> list[str]:
