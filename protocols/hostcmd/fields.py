@@ -29,6 +29,18 @@ ALNUM: Final = frozenset((string.ascii_letters + string.digits).encode())
 PRINT: Final = frozenset(bytes(range(0x20, 0x7F)))
 ANY: Final = frozenset(range(256))
 
+_HEX_ANYCASE_BYTES: Final = bytes(sorted(HEX_ANYCASE))
+_DELETABLE: dict[frozenset[int], bytes] = {}
+
+
+def _deletable(charset: frozenset[int]) -> bytes:
+    """The charset as a ``bytes.translate`` deletion table (cached per charset)."""
+    table = _DELETABLE.get(charset)
+    if table is None:
+        table = _DELETABLE[charset] = bytes(sorted(charset))
+    return table
+
+
 #: Key scheme tag -> number of hex characters that follow (S and R carry their own length).
 KEY_SCHEME_HEX_LENGTH: Final[Mapping[str, int]] = {
     "": 16,
@@ -94,10 +106,8 @@ class Fixed(Field):
         chunk = data[pos:end]
         if len(chunk) != self.length:
             raise ParseError(self.error, self.name, f"expected {self.length} characters")
-        charset = self.charset
-        for b in chunk:
-            if b not in charset:
-                raise ParseError(self.error, self.name, "invalid character")
+        if chunk.translate(None, _deletable(self.charset)):  # any byte left is outside the charset
+            raise ParseError(self.error, self.name, "invalid character")
         out[self.name] = chunk.decode("latin-1")
         return end
 
@@ -191,9 +201,8 @@ class Key(Field):
         chunk = data[start:end]
         if len(chunk) != n:
             raise ParseError(self.error, self.name, "key too short")
-        for b in chunk:
-            if b not in HEX_ANYCASE:
-                raise ParseError(self.error, self.name, "key is not hex")
+        if chunk.translate(None, _HEX_ANYCASE_BYTES):
+            raise ParseError(self.error, self.name, "key is not hex")
         out[self.name] = data[pos:end].decode("ascii").upper()
         return end
 
@@ -496,7 +505,14 @@ class ByKeyAlgorithm(Field):
 
     def parse(self, data: bytes, pos: int, out: Values, ctx: Mapping[str, str | bytes]) -> int:
         n = self.length_for(out, ctx)
-        return Fixed(self.name, n, HEX_ANYCASE, self.error).parse(data, pos, out, ctx)
+        end = pos + n
+        chunk = data[pos:end]
+        if len(chunk) != n:
+            raise ParseError(self.error, self.name, f"expected {n} characters")
+        if chunk.translate(None, _HEX_ANYCASE_BYTES):
+            raise ParseError(self.error, self.name, "invalid character")
+        out[self.name] = chunk.decode("latin-1")
+        return end
 
     def format(
         self, values: Mapping[str, str | bytes], out: bytearray, ctx: Mapping[str, str | bytes]
