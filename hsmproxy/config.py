@@ -17,11 +17,23 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hsmproxy.backend.spec import NodeSpec
+from hsmproxy.cluster.state import ClusterSettings
+from hsmproxy.tenancy import TenantConfig, TlsConfig, parse_tenants, parse_tls
+
+__all__ = [
+    "ConfigError",
+    "ListenerConfig",
+    "Settings",
+    "TenantConfig",
+    "TlsConfig",
+    "load_settings",
+    "parse_settings",
+]
 
 
 class ConfigError(Exception):
@@ -39,15 +51,8 @@ class ListenerConfig:
     tenant: str = "default"
     max_connections: int = 1000
     max_inflight: int = 256
-
-
-@dataclass(frozen=True, slots=True)
-class TenantConfig:
-    """A tenant: its LMK ids and default LMK."""
-
-    name: str
-    lmk_ids: tuple[str, ...] = ("00", "01")
-    default_lmk: str = "00"
+    #: TLS (mutual when ``client_ca`` is set); ``None``: plain TCP.
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,14 @@ class Settings:
     disabled_pin_formats: frozenset[str] = frozenset()
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``[cluster]``: health checks, outlier detection, balancing.
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    #: Per-node ``weight`` (default 1; 0 takes no new requests) and ``backup = true`` nodes.
+    node_weights: dict[str, int] = field(default_factory=dict)
+    backup_nodes: frozenset[str] = frozenset()
+    #: ``[console] bind`` and ``[http] bind`` (None: that listener is off).
+    console_bind: tuple[str, int] | None = None
+    http_bind: tuple[str, int] | None = None
 
 
 def _host_port(text: str, where: str) -> tuple[str, int]:
@@ -87,6 +100,33 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def _cluster_settings(data: dict[str, Any]) -> ClusterSettings:
+    """The ``[cluster]`` section (HAProxy/Envoy names and defaults)."""
+    section = data.get("cluster", {})
+    known = set(ClusterSettings.__dataclass_fields__)
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"cluster: unknown keys {sorted(unknown)}")
+    defaults = ClusterSettings()
+    try:
+        values: dict[str, Any] = {k: type(getattr(defaults, k))(section[k]) for k in known if k in section}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cluster: {exc}") from None
+    cs = ClusterSettings(**values)
+    if cs.inter <= 0 or cs.timeout <= 0 or cs.fall < 1 or cs.rise < 1:
+        raise ConfigError("cluster: inter and timeout must be positive, fall and rise at least 1")
+    if cs.base_ejection_time < 0 or cs.max_ejection_time < cs.base_ejection_time or cs.slowstart < 0:
+        raise ConfigError("cluster: need 0 <= base_ejection_time <= max_ejection_time, slowstart >= 0")
+    if cs.affinity_spill < 0:
+        raise ConfigError("cluster: affinity_spill must be >= 0")
+    return cs
+
+
+def _optional_bind(data: dict[str, Any], section: str) -> tuple[str, int] | None:
+    bind = data.get(section, {}).get("bind")
+    return None if not bind else _host_port(str(bind), f"{section}.bind")
+
+
 def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settings:
     """Validate a parsed TOML document (``base`` resolves relative paths)."""
     proxy = data.get("proxy", {})
@@ -109,6 +149,7 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
                 tenant=str(item.get("tenant", "default")),
                 max_connections=int(item.get("max_connections", 1000)),
                 max_inflight=int(item.get("max_inflight", 256)),
+                tls=_tls(item.get("tls"), base, where),
             )
         )
     strict = bool(security.get("strict_key_custody", False))
@@ -116,12 +157,19 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
         strict = _bool(os.environ["HSMPROXY_STRICT_KEY_CUSTODY"])
     nodes = []
     names: set[str] = set()
+    node_weights: dict[str, int] = {}
+    backup_nodes: set[str] = set()
     for i, item in enumerate(data.get("nodes", [])):
         where = f"nodes[{i}]"
         name = str(item.get("name", ""))
         if not name or name in names:
             raise ConfigError(f"{where}: every node needs a unique name")
         names.add(name)
+        node_weights[name] = int(item.get("weight", 1))
+        if not 0 <= node_weights[name] <= 256:
+            raise ConfigError(f"{where}: weight must be 0..256")
+        if bool(item.get("backup", False)):
+            backup_nodes.add(name)
         if "pin" in item:
             raise ConfigError(f"{where}: never put a PIN in the config; use pin_file or pin_env")
         if not item.get("pin_file") and not item.get("pin_env"):
@@ -144,31 +192,17 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
         )
     if not nodes:
         raise ConfigError("at least one [[nodes]] entry is required")
-    tenants = {"default": TenantConfig("default")}
-    for i, item in enumerate(data.get("tenants", [])):
-        t = TenantConfig(
-            name=str(item["name"]),
-            lmk_ids=tuple(str(x) for x in item.get("lmk_ids", ("00", "01"))),
-            default_lmk=str(item.get("default_lmk", "00")),
-        )
-        if t.default_lmk not in t.lmk_ids:
-            raise ConfigError(f"tenants[{i}]: default_lmk must be one of lmk_ids")
-        tenants[t.name] = t
+    try:
+        tenants = parse_tenants(data.get("tenants", []))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    listeners = _listener_tenants(listeners, data.get("listeners", []), tenants)
     for lc in listeners:
-        if lc.tenant not in tenants:
+        if lc.tenant and lc.tenant not in tenants:
             raise ConfigError(f"listener {lc.name}: unknown tenant {lc.tenant!r}")
     if "HSMPROXY_LISTEN" in os.environ and listeners:
         host, port = _host_port(os.environ["HSMPROXY_LISTEN"], "HSMPROXY_LISTEN")
-        first = listeners[0]
-        listeners[0] = ListenerConfig(
-            first.name,
-            host,
-            port,
-            first.header_length,
-            first.tenant,
-            first.max_connections,
-            first.max_inflight,
-        )
+        listeners[0] = replace(listeners[0], host=host, port=port)
     timeout = float(os.environ.get("HSMPROXY_REQUEST_TIMEOUT", proxy.get("request_timeout", 2.0)))
     if timeout <= 0:
         raise ConfigError("request_timeout must be positive")
@@ -181,7 +215,41 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
         disabled_commands=frozenset(str(c) for c in proxy.get("disabled_commands", [])),
         disabled_pin_formats=frozenset(str(c) for c in proxy.get("disabled_pin_formats", [])),
         source=source,
+        cluster=_cluster_settings(data),
+        node_weights=node_weights,
+        backup_nodes=frozenset(backup_nodes),
+        console_bind=_optional_bind(data, "console"),
+        http_bind=_optional_bind(data, "http"),
     )
+
+
+def _tls(raw: Any, base: Path, where: str) -> TlsConfig | None:
+    try:
+        return parse_tls(raw, base, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _listener_tenants(
+    listeners: list[ListenerConfig], items: list[Any], tenants: dict[str, TenantConfig]
+) -> list[ListenerConfig]:
+    """Each listener's fallback tenant: its ``tenant`` key (``""``: none, a tenant must match by
+    certificate or address), else the tenant listing it in ``clients.listeners``, else ``default``."""
+    explicit = {
+        str(item.get("name", f"host{i}")): str(item["tenant"])
+        for i, item in enumerate(items)
+        if "tenant" in item
+    }
+    names = {lc.name for lc in listeners}
+    claimed: dict[str, str] = {}
+    for t in tenants.values():
+        for name in t.clients.listeners:
+            if name not in names:
+                raise ConfigError(f"tenant {t.name}: clients.listeners names no listener {name!r}")
+            if name in explicit and explicit[name] != t.name:
+                raise ConfigError(f"listener {name}: tenant {explicit[name]!r}, but {t.name!r} claims it")
+            claimed[name] = t.name
+    return [replace(lc, tenant=explicit.get(lc.name, claimed.get(lc.name, "default"))) for lc in listeners]
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:

@@ -264,6 +264,10 @@ class NodeClient:
         if not self._closing and self._loop is not None:
             self._restart_task = self._loop.create_task(self._restart())
 
+    def recycle(self, reason: str) -> None:
+        """Kill a running worker whose device is unusable and restart it with backoff."""
+        self._worker_died(reason)
+
     def schedule_restart(self) -> None:
         """Keep trying to start the worker in the background (with backoff)."""
         if self._loop is None:

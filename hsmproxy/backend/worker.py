@@ -49,6 +49,10 @@ def run_batch(
             pkcs11.exceptions.TokenNotPresent,
             pkcs11.exceptions.SessionHandleInvalid,
             pkcs11.exceptions.DeviceError,
+            # The token's objects vanished under the session (token removed or re-initialised):
+            # a device fault, retried on another node, not a business answer.
+            pkcs11.exceptions.ObjectHandleInvalid,
+            pkcs11.exceptions.KeyHandleInvalid,
         ):
             code, values = DEVICE_ERROR, {}
         except pkcs11.PKCS11Error:

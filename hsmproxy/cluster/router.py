@@ -1,63 +1,207 @@
-"""Routing operations to node workers: least outstanding requests, key affinity, one retry.
+"""Routing operations to node workers, in HAProxy's and Envoy's vocabulary.
 
-The full cluster behaviour (health checks, breakers, DRAIN/MAINT, slow start, backup nodes)
-lands with issue [3/7]; this router already gives the guarantees the proxy relies on:
-
-* an operation goes to the up node with the fewest outstanding requests, preferring the node
-  its key maps to (stable hash of the key cryptogram) while that node is not much busier, so the
-  node's key-handle cache stays warm;
-* a request whose node dies or exceeds the deadline is retried once on another node (every host
-  command is stateless in the HSM, so this is safe);
-* with no node up, a request fails promptly (never hangs).
+* **Eligible nodes**: admin ``READY``, operational ``UP``, not ejected, worker running, weight > 0
+  (:mod:`hsmproxy.cluster.state`). ``DRAIN`` nodes get no new requests (their in-flight ones
+  finish), ``MAINT``/``DOWN``/ejected nodes get none. Backup nodes (``backup = true``) are used
+  only while no primary node is eligible.
+* **Weighted least outstanding requests**: the node with the lowest (outstanding + 1) / weight,
+  the weight ramped over ``slowstart`` seconds after a node recovers.
+* **Key affinity**: the key cryptogram picks a preferred node by weighted rendezvous hashing (a
+  node joining or leaving moves only its own share of keys), so that node's key-handle cache
+  stays warm; the preferred node is used unless it has more than ``affinity_spill`` requests
+  outstanding beyond the least busy node.
+* **Deadline and one retry**: a request gets ``deadline`` seconds per attempt; a request whose
+  node dies (:class:`NodeDown`) or misses the deadline is retried once on another node (every host
+  command is stateless in the HSM, so this is safe).
+* **Passive outlier detection**: transport errors, timeouts and device errors (all surface as
+  ``NodeDown`` or ``TimeoutError``) eject the node for a doubling back-off. Business results
+  (``01``, ``15`` ...) are answers, never failures. A node is not ejected when it is the last
+  eligible node (as Envoy's panic threshold: ejecting it would only turn slowness into errors).
+* With no eligible node a request fails at once with :class:`NoNodeAvailable` (never hangs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import zlib
-from collections.abc import Sequence
-from typing import Any
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Protocol
 
-from hsmproxy.backend.client import NodeClient, NodeDown
+from hsmproxy.backend.client import NodeDown
+from hsmproxy.cluster.state import AdminState, ClusterSettings, NodeState, OpState, StateChange
 
-#: A key-affine node is used unless it has this many more requests outstanding than the least busy.
+log = logging.getLogger("hsmproxy.cluster")
+
+#: Default spill threshold (kept for callers of the first router).
 AFFINITY_SPILL = 32
 
 
 class NoNodeAvailable(Exception):
-    """No node is up to serve the request."""
+    """No node is eligible to serve the request."""
+
+
+class Backend(Protocol):
+    """What the router needs of a node (NodeClient, or a fake in tests)."""
+
+    @property
+    def name(self) -> str:
+        """Unique node name."""
+        ...
+
+    @property
+    def up(self) -> bool:
+        """True while the node's worker runs and accepts requests."""
+        ...
+
+    def submit(self, op: str, args: dict[str, Any]) -> Awaitable[tuple[str, Any]]:
+        """Run an operation; resolves to (error code, values) or fails with NodeDown."""
+        ...
+
+
+def _rendezvous(name: str, key: str, weight: float) -> float:
+    """Weighted rendezvous score of ``key`` on node ``name`` (highest wins)."""
+    digest = hashlib.blake2b(f"{name}\x00{key}".encode(), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)
+    return weight / -math.log(u)
 
 
 class Router:
-    """Chooses a node per operation and retries once elsewhere on node failure."""
+    """Chooses a node per operation, retries once elsewhere, ejects failing nodes."""
 
-    def __init__(self, nodes: Sequence[NodeClient], deadline: float = 2.0) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[Backend],
+        deadline: float = 2.0,
+        settings: ClusterSettings | None = None,
+        weights: Mapping[str, int] | None = None,
+        backups: Collection[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.nodes = list(nodes)
+        self.clock = clock
         self.deadline = deadline
+        self.settings = settings or ClusterSettings()
         self.retries = 0
+        weights = weights or {}
+        self.states: dict[str, NodeState] = {}
+        for n in self.nodes:
+            oper = OpState.UP if n.up else OpState.DOWN  # no slow start at start-up
+            st = NodeState(n.name, weight=int(weights.get(n.name, 1)), backup=n.name in backups, oper=oper)
+            st.history.append(StateChange(time.time(), "oper", "-", oper.value, "start-up"))
+            self.states[n.name] = st
 
-    def up_nodes(self) -> list[NodeClient]:
-        """Nodes currently able to take requests."""
-        return [n for n in self.nodes if n.up]
+    # -- state ------------------------------------------------------------------------------------
 
-    def pick(self, affinity: str = "", exclude: NodeClient | None = None) -> NodeClient:
+    def state(self, node: Backend | str) -> NodeState:
+        """The routing state of a node (by object or name); KeyError if unknown."""
+        return self.states[node if isinstance(node, str) else node.name]
+
+    def node(self, name: str) -> Backend:
+        """The node called ``name``; KeyError if unknown."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def set_admin(self, name: str, state: AdminState, reason: str) -> bool:
+        """Operator action: set a node's admin state (KeyError if unknown); True if it changed."""
+        changed = self.states[name].set_admin(state, reason)
+        if changed:
+            log.warning("node %s admin state %s: %s", name, state.value, reason)
+        return changed
+
+    def set_oper(self, node: Backend, state: OpState, reason: str) -> bool:
+        """Set a node's operational state (health checks, worker loss); True if it changed."""
+        changed = self.states[node.name].set_oper(state, reason, self.clock())
+        if changed:
+            log.warning("node %s is %s: %s", node.name, state.value, reason)
+        return changed
+
+    def eligible(self, node: Backend, now: float) -> bool:
+        """True if ``node`` may take a new request now."""
+        st = self.states[node.name]
+        return node.up and st.weight > 0 and st.serving(now)
+
+    def candidates(self, exclude: Backend | None = None, now: float | None = None) -> list[Backend]:
+        """Eligible primaries, or eligible backups when no primary is eligible."""
+        now = self.clock() if now is None else now
+        primaries: list[Backend] = []
+        backups: list[Backend] = []
+        for n in self.nodes:
+            if n is exclude or not self.eligible(n, now):
+                continue
+            (backups if self.states[n.name].backup else primaries).append(n)
+        return primaries or backups
+
+    def up_nodes(self) -> list[Backend]:
+        """Nodes currently able to take new requests."""
+        return self.candidates()
+
+    def ready(self) -> bool:
+        """True while at least one node can take requests (readiness)."""
+        return bool(self.candidates())
+
+    # -- choosing ---------------------------------------------------------------------------------
+
+    def pick(self, affinity: str = "", exclude: Backend | None = None) -> Backend:
         """The node for the next request."""
-        candidates = [n for n in self.nodes if n.up and n is not exclude]
+        now = self.clock()
+        candidates = self.candidates(exclude, now)
         if not candidates:
             raise NoNodeAvailable("no node is up")
-        least = min(candidates, key=lambda n: n.outstanding)
-        if affinity and len(candidates) > 1:
-            preferred = candidates[zlib.crc32(affinity.encode()) % len(candidates)]
-            if preferred.outstanding <= least.outstanding + AFFINITY_SPILL:
+        if len(candidates) == 1:
+            return candidates[0]
+        slowstart = self.settings.slowstart
+        weights = {n.name: self.states[n.name].effective_weight(now, slowstart) for n in candidates}
+        least = min(candidates, key=lambda n: (self.states[n.name].outstanding + 1) / weights[n.name])
+        if affinity:
+            preferred = max(candidates, key=lambda n: _rendezvous(n.name, affinity, weights[n.name]))
+            spill = self.settings.affinity_spill
+            if self.states[preferred.name].outstanding <= self.states[least.name].outstanding + spill:
                 return preferred
         return least
+
+    # -- executing --------------------------------------------------------------------------------
 
     async def execute(self, op: str, args: dict[str, Any], affinity: str = "") -> tuple[str, Any]:
         """Run ``op`` on a node; retry once on another node if the first fails or times out."""
         node = self.pick(affinity)
         try:
-            return await asyncio.wait_for(node.submit(op, args), self.deadline)
+            return await self._attempt(node, op, args)
         except (NodeDown, TimeoutError):
             self.retries += 1
             other = self.pick(affinity, exclude=node)
-            return await asyncio.wait_for(other.submit(op, args), self.deadline)
+            return await self._attempt(other, op, args)
+
+    async def _attempt(self, node: Backend, op: str, args: dict[str, Any]) -> tuple[str, Any]:
+        st = self.states[node.name]
+        st.outstanding += 1
+        st.requests += 1
+        try:
+            return await asyncio.wait_for(node.submit(op, args), self.deadline)
+        except NodeDown:
+            self.report_failure(node, "transport or device error")
+            raise
+        except TimeoutError:
+            self.report_failure(node, f"no answer within {self.deadline:g}s")
+            raise
+        finally:
+            st.outstanding -= 1
+
+    def report_failure(self, node: Backend, reason: str) -> None:
+        """Passive outlier detection: a transport error, timeout or device error on ``node``."""
+        now = self.clock()
+        st = self.states[node.name]
+        if not node.up:
+            self.set_oper(node, OpState.DOWN, f"worker not running ({reason})")
+            return
+        if st.oper is OpState.DOWN or st.ejected(now):
+            return  # one incident, one ejection
+        if not any(n is not node and self.eligible(n, now) for n in self.nodes):
+            log.warning("node %s failed (%s) but is the last eligible node: not ejected", node.name, reason)
+            return
+        span = st.eject(now, self.settings, reason)
+        log.warning("node %s ejected for %gs: %s", node.name, span, reason)

@@ -23,6 +23,8 @@ class CommandContext:
     default_lmk: str
     disabled_pin_formats: frozenset[str] = frozenset()
     node_info: dict[str, Any] = field(default_factory=dict)
+    #: The tenant's key-block LMK for ``S`` keys when the request has no ``%LL`` (``""``: none).
+    keyblock_lmk: str = "01"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ def base_args(v: Values, ctx: CommandContext) -> dict[str, Any]:
     """The arguments every PIN/card operation takes: fields, LMK ids, disabled formats."""
     chosen = lmk_id(v, ctx)
     lmk = "" if isinstance(chosen, Immediate) else chosen
-    default_kb = DEFAULT_KEYBLOCK_LMK if DEFAULT_KEYBLOCK_LMK in ctx.lmk_ids else ""
+    default_kb = ctx.keyblock_lmk if ctx.keyblock_lmk in ctx.lmk_ids else ""
     kb_lmk = lmk if "lmk_id" in v else default_kb
     fields = {name: text(v, name) for name in v}
     return {"fields": fields, "lmk": lmk, "kb_lmk": kb_lmk, "disabled": sorted(ctx.disabled_pin_formats)}

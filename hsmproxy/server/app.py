@@ -9,11 +9,15 @@ import signal
 from dataclasses import dataclass, field
 
 from hsmproxy.backend.client import NodeClient
+from hsmproxy.cluster.health import HealthChecker, check_lmk_id
 from hsmproxy.cluster.router import Router
 from hsmproxy.commands import HANDLERS
 from hsmproxy.commands.base import CommandContext
-from hsmproxy.config import Settings
+from hsmproxy.config import ListenerConfig, Settings
+from hsmproxy.server.console import AdminConsole
 from hsmproxy.server.hostcmd import Dispatcher, HostCommandProtocol
+from hsmproxy.server.readiness import ReadinessServer
+from hsmproxy.tenancy import TenantRegistry, describe_certificate
 
 log = logging.getLogger("hsmproxy")
 
@@ -31,6 +35,15 @@ class Proxy:
     servers: list[asyncio.Server] = field(default_factory=list)
     connections: set[HostCommandProtocol] = field(default_factory=set)
     ports: list[int] = field(default_factory=list)
+    #: Tenants' live state (connections, rate limiting) and per-connection resolution.
+    tenancy: TenantRegistry | None = None
+    _dispatchers: dict[tuple[str, str], Dispatcher] = field(default_factory=dict)
+    health: HealthChecker | None = None
+    console: AdminConsole | None = None
+    readiness: ReadinessServer | None = None
+    #: Bound ports of the admin console and the readiness endpoints (0: not listening).
+    console_port: int = 0
+    http_port: int = 0
 
     async def start(self) -> None:
         """Start every node worker, then every listener."""
@@ -51,24 +64,32 @@ class Proxy:
                     node.info.get("manufacturer"),
                     node.info.get("model"),
                 )
-        self.router = Router(self.nodes, s.request_timeout)
+        self.router = Router(self.nodes, s.request_timeout, s.cluster, s.node_weights, s.backup_nodes)
+        served = [s.tenants[lc.tenant] for lc in s.listeners if lc.tenant in s.tenants]
+        self.health = HealthChecker(self.router, check_lmk_id([*served, *s.tenants.values()]))
+        self.health.start()
+        if s.console_bind is not None:
+            self.console = AdminConsole(self.router, s.tenants)
+            self.console_port = await self.console.start(*s.console_bind)
+        if s.http_bind is not None:
+            self.readiness = ReadinessServer(self.router)
+            self.http_port = await self.readiness.start(*s.http_bind)
         loop = asyncio.get_running_loop()
+        self.tenancy = TenantRegistry(s.tenants, {lc.name: lc.tenant for lc in s.listeners})
         for lc in s.listeners:
-            tenant = s.tenants[lc.tenant]
-            ctx = CommandContext(tenant.name, tenant.lmk_ids, tenant.default_lmk, s.disabled_pin_formats)
-            dispatcher = Dispatcher(self.router, HANDLERS, ctx, lc.header_length, s.disabled_commands)
 
-            def factory(
-                d: Dispatcher = dispatcher, limit: int = lc.max_connections, inflight: int = lc.max_inflight
-            ) -> HostCommandProtocol:
-                proto = HostCommandProtocol(d, inflight, on_close=self.connections.discard)
-                if len(self.connections) >= limit:
-                    proto.over_limit = True  # refused in connection_made, never counted
-                else:
-                    self.connections.add(proto)
-                return proto
+            def factory(lc: ListenerConfig = lc) -> HostCommandProtocol:
+                # Admitted (counted, tenant resolved) in connection_made, i.e. after a TLS handshake.
+                return HostCommandProtocol(
+                    None, lc.max_inflight, self.connections.discard, lambda p: self._admit(p, lc)
+                )
 
-            server = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=1024)
+            tls: dict[str, object] = {}
+            if lc.tls is not None:
+                tls = {"ssl": lc.tls.server_context(), "ssl_handshake_timeout": lc.tls.handshake_timeout}
+            server = await loop.create_server(
+                factory, lc.host, lc.port, reuse_address=True, backlog=1024, **tls
+            )  # type: ignore[call-overload]
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
             self.ports.append(port)
@@ -78,11 +99,67 @@ class Proxy:
                 lc.host,
                 port,
                 lc.header_length,
-                lc.tenant,
+                lc.tenant or "by certificate or address only",
             )
+            if lc.tls is not None:
+                asked = "optional" if lc.tls.client_ca else "not asked"
+                log.info(
+                    "listener %s: TLS %s+, client certificate %s",
+                    lc.name,
+                    lc.tls.min_version,
+                    "required" if lc.tls.require_client_cert else asked,
+                )
+
+    def _admit(self, proto: HostCommandProtocol, lc: ListenerConfig) -> Dispatcher | None:
+        """Count a new connection and pick its tenant's dispatcher; None (logged) refuses it."""
+        s = self.settings
+        assert self.router is not None and self.tenancy is not None
+        if len(self.connections) >= lc.max_connections:
+            log.warning("refusing connection from %s: connection limit reached", proto.peer)
+            return None
+        transport = proto.transport
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        found = self.tenancy.resolve(lc.name, proto.peer, peercert)
+        state = found.tenant
+        if state is None:
+            log.warning(
+                "refusing connection from %s on listener %s: %s (%s)",
+                proto.peer,
+                lc.name,
+                found.how,
+                describe_certificate(peercert) if lc.tls is not None else "plain TCP",
+            )
+            return None
+        if not state.acquire_connection():
+            log.warning(
+                "refusing connection from %s on listener %s: tenant %s is at max_connections (%d)",
+                proto.peer,
+                lc.name,
+                state.name,
+                state.config.max_connections,
+            )
+            return None
+        proto.release = state.release_connection
+        self.connections.add(proto)
+        dispatcher = self._dispatchers.get((lc.name, state.name))
+        if dispatcher is None:
+            t = state.config
+            ctx = CommandContext(
+                t.name, t.lmk_ids, t.default_lmk, s.disabled_pin_formats, keyblock_lmk=t.keyblock_lmk
+            )
+            foreign = self.tenancy.foreign_lmks(t.name)
+            dispatcher = Dispatcher(
+                self.router, HANDLERS, ctx, lc.header_length, s.disabled_commands, state, foreign
+            )
+            self._dispatchers[(lc.name, state.name)] = dispatcher
+        log.debug("connection from %s on %s: tenant %s by %s", proto.peer, lc.name, state.name, found.how)
+        return dispatcher
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), stop the nodes."""
+        for aux in (self.console, self.readiness, self.health):
+            if aux is not None:
+                await aux.stop()
         for server in self.servers:
             server.close()
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT

@@ -7,6 +7,13 @@ payload into one response payload, going to a node only when the command needs a
 Ordering: each request takes a slot in a per-connection queue; responses are written as the
 head slot completes, so a slow command never lets a later response overtake it. Backpressure:
 with ``max_inflight`` slots outstanding the connection stops reading until half have drained.
+
+Tenant policy (:mod:`hsmproxy.tenancy`), when the dispatcher serves a tenant: every request takes a
+token of the tenant's rate (waiting up to ``rate_max_delay``, else answered with the tenant's
+``rate_limit_error``); a command outside the tenant's ``commands`` answers ``17``; a well-formed
+request whose ``%LL`` names an LMK owned by another tenant answers ``13`` before its handler runs (an
+LMK id owned by no tenant is answered ``13`` by the command itself, where payShield answers it).
+The connection's tenant is chosen once, when it is accepted (``admit``).
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from hsmproxy.cluster.router import NoNodeAvailable, Router
 from hsmproxy.commands.base import CommandContext, Handler, Immediate
+from hsmproxy.tenancy import TenantState
 from protocols.framing import FrameError, Framer, encode_frame
 from protocols.hostcmd.envelope import EnvelopeError, build_response, split_request
 from protocols.hostcmd.fields import ParseError, format_fields, parse
@@ -29,6 +37,10 @@ log = logging.getLogger("hsmproxy.hostcmd")
 MAX_FRAME = 32768
 #: Error code when no node can serve the request (payShield's generic internal error).
 NO_NODE_ERROR = "41"
+#: A command the tenant may not call.
+NOT_ALLOWED_ERROR = "17"
+#: An LMK id the tenant does not own.
+LMK_ERROR = "13"
 
 
 def _trailer_of(body: bytes) -> bytes:
@@ -46,12 +58,16 @@ class Dispatcher:
         context: CommandContext,
         header_length: int,
         disabled_commands: frozenset[str] = frozenset(),
+        tenant: TenantState | None = None,
+        foreign_lmks: frozenset[str] = frozenset(),
     ) -> None:
         self.router = router
         self.handlers = handlers
         self.context = context
         self.header_length = header_length
         self.disabled_commands = disabled_commands
+        self.tenant = tenant
+        self.foreign_lmks = foreign_lmks
 
     def handle(self, payload: bytes) -> bytes | Awaitable[bytes] | None:
         """Answer immediately (bytes), later (awaitable), or None for an unusable frame."""
@@ -59,21 +75,43 @@ class Dispatcher:
             req = split_request(payload, self.header_length)
         except EnvelopeError:
             return None
-        spec = COMMANDS.get(req.code)
-        handler = self.handlers.get(req.code)
-        if spec is None or handler is None or req.code in self.disabled_commands:
-            return build_response(req.header, req.code, "68", b"", _trailer_of(req.body))
+        tenant = self.tenant
+        if tenant is not None:
+            delay = tenant.admit_request()
+            if delay is None:
+                error = tenant.config.rate_limit_error
+                return build_response(req.header, req.code, error, b"", _trailer_of(req.body))
+            if delay > 0:
+                return self._after(delay, req.header, req.code, req.body)
+        return self._serve(req.header, req.code, req.body)
+
+    async def _after(self, delay: float, header: bytes, code: str, body: bytes) -> bytes:
+        """Serve a request once its rate-limit token is due."""
+        await asyncio.sleep(delay)
+        result = self._serve(header, code, body)
+        return result if isinstance(result, bytes) else await result
+
+    def _serve(self, header: bytes, code: str, body: bytes) -> bytes | Awaitable[bytes]:
+        spec = COMMANDS.get(code)
+        handler = self.handlers.get(code)
+        if spec is None or handler is None:
+            return build_response(header, code, "68", b"", _trailer_of(body))
+        if self.tenant is not None and not self.tenant.config.allows(code):
+            self.tenant.denied_commands += 1
+            return build_response(header, code, NOT_ALLOWED_ERROR, b"", _trailer_of(body))
+        if code in self.disabled_commands:
+            return build_response(header, code, "68", b"", _trailer_of(body))
         try:
-            parsed = parse(spec.request, req.body)
+            parsed = parse(spec.request, body)
         except ParseError as exc:
-            return build_response(req.header, req.code, exc.code, b"", _trailer_of(req.body))
+            return build_response(header, code, exc.code, b"", _trailer_of(body))
+        if parsed.values.get("lmk_id") in self.foreign_lmks:
+            return build_response(header, code, LMK_ERROR, b"", parsed.trailer)
         action = handler(parsed.values, self.context)
         if isinstance(action, Immediate):
-            return self._respond(
-                req.header, req.code, action.error, action.values, parsed.values, parsed.trailer
-            )
+            return self._respond(header, code, action.error, action.values, parsed.values, parsed.trailer)
         return self._remote(
-            req.header, req.code, action.name, action.args, action.affinity, parsed.values, parsed.trailer
+            header, code, action.name, action.args, action.affinity, parsed.values, parsed.trailer
         )
 
     def _respond(
@@ -118,8 +156,19 @@ class Dispatcher:
 class HostCommandProtocol(asyncio.Protocol):
     """One switch connection."""
 
-    def __init__(self, dispatcher: Dispatcher, max_inflight: int = 256, on_close: Any = None) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher | None,
+        max_inflight: int = 256,
+        on_close: Any = None,
+        admit: Callable[[HostCommandProtocol], Dispatcher | None] | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
+        #: Called when the connection is made (after a TLS handshake): the dispatcher of the
+        #: connection's tenant, or None to refuse it (the callback logs why).
+        self._admit = admit
+        #: Called once when an admitted connection closes (the tenant's connection count).
+        self.release: Callable[[], None] | None = None
         self._framer = Framer(MAX_FRAME)
         self._transport: asyncio.Transport | None = None
         self._slots: deque[asyncio.Future[bytes] | bytes] = deque()
@@ -148,10 +197,21 @@ class HostCommandProtocol(asyncio.Protocol):
         if self.over_limit:
             log.warning("refusing connection from %s: connection limit reached", self.peer)
             transport.close()
+            return
+        if self._admit is not None:
+            self._dispatcher = self._admit(self)
+            if self._dispatcher is None:
+                self._transport = None
+                transport.close()
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The connection's transport (``get_extra_info`` gives ``peername`` and ``peercert``)."""
+        return self._transport
 
     def data_received(self, data: bytes) -> None:
         """Frame the bytes; queue each request in order."""
-        if self._transport is None or self._closing_after_flush:
+        if self._transport is None or self._closing_after_flush or self._dispatcher is None:
             return
         try:
             frames = self._framer.feed(data)
@@ -221,5 +281,8 @@ class HostCommandProtocol(asyncio.Protocol):
                 slot.cancel()
         self._slots.clear()
         self._transport = None
+        if self.release is not None:
+            self.release()
+            self.release = None
         if self._on_close is not None:
             self._on_close(self)
