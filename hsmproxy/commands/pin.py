@@ -14,7 +14,6 @@ from hsmproxy.commands.base import CommandContext, Handler, Immediate, Operation
 from protocols.hostcmd.fields import Values
 
 #: Key-block LMK used when the request has no ``%LL`` (the reference's lowest key-block LMK id).
-DEFAULT_KEYBLOCK_LMK = "01"
 
 
 def base_args(v: Values, ctx: CommandContext) -> dict[str, Any]:
