@@ -13,8 +13,6 @@ from typing import Any
 from hsmproxy.commands.base import CommandContext, Handler, Immediate, Operation, lmk_id, text
 from protocols.hostcmd.fields import Values
 
-#: Key-block LMK used when the request has no ``%LL`` (the reference's lowest key-block LMK id).
-
 
 def base_args(v: Values, ctx: CommandContext) -> dict[str, Any]:
     """The arguments every PIN/card operation takes: fields, LMK ids, disabled formats."""
