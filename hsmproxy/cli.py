@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--seed", type=int, default=1)
     conf.add_argument("--commands", default="", help="comma-separated subset of commands")
     conf.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    from hsmproxy.keys.cli import add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 
@@ -125,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_lmk(args)
     if args.subcommand == "bench":
         return _bench(args)
+    if args.subcommand == "keys":
+        from hsmproxy.keys.cli import run_keys
+
+        return run_keys(args)
     if args.subcommand == "conformance":
         from conformance.runner import run_conformance
 

@@ -27,8 +27,10 @@ from hsmproxy.tenancy import TenantConfig, TlsConfig, parse_tenants, parse_tls
 
 __all__ = [
     "ConfigError",
+    "KeystoreSettings",
     "ListenerConfig",
     "Settings",
+    "SubscriberConfig",
     "TenantConfig",
     "TlsConfig",
     "load_settings",
@@ -56,6 +58,29 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscriberConfig:
+    """One ``[[keystore.subscribers]]`` entry: a webhook (HMAC-signed POST) or a JSON-lines file."""
+
+    #: Stable name: the outbox remembers deliveries per subscriber name (default: ``kind:target``).
+    name: str
+    kind: str  # "webhook" | "jsonl"
+    target: str  # URL or file path
+    secret: bytes = b""
+    max_backoff: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeystoreSettings:
+    """``[keystore]``: the key inventory, the rotation engine and event delivery."""
+
+    url: str
+    rotation_interval: float = 60.0
+    #: Seconds between refreshes of the refused-key set (revoked/destroyed/suspended/grace over).
+    refresh_interval: float = 1.0
+    subscribers: tuple[SubscriberConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -76,6 +101,8 @@ class Settings:
     #: ``[console] bind`` and ``[http] bind`` (None: that listener is off).
     console_bind: tuple[str, int] | None = None
     http_bind: tuple[str, int] | None = None
+    #: ``[keystore]`` (None: no key inventory, no rotation engine, no refused-key checks).
+    keystore: KeystoreSettings | None = None
 
 
 def _host_port(text: str, where: str) -> tuple[str, int]:
@@ -220,7 +247,56 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
         backup_nodes=frozenset(backup_nodes),
         console_bind=_optional_bind(data, "console"),
         http_bind=_optional_bind(data, "http"),
+        keystore=_keystore_settings(data.get("keystore"), base),
     )
+
+
+def _subscriber(item: Any, base: Path, where: str) -> SubscriberConfig:
+    """One ``[[keystore.subscribers]]`` entry (``webhook`` or ``jsonl``)."""
+    if not isinstance(item, dict) or ("webhook" in item) == ("jsonl" in item):
+        raise ConfigError(f"{where}: exactly one of webhook or jsonl is required")
+    backoff = float(item.get("max_backoff", 30.0))
+    if "jsonl" in item:
+        path = _resolve(base, str(item["jsonl"]))
+        return SubscriberConfig(str(item.get("name", f"jsonl:{path}")), "jsonl", path, b"", backoff)
+    url = str(item["webhook"])
+    if not url.startswith("http://"):
+        raise ConfigError(f"{where}: webhook must be an http:// URL")
+    if item.get("secret_file"):
+        try:
+            secret = Path(_resolve(base, str(item["secret_file"]))).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: secret_file: {exc.strerror}") from None
+    elif item.get("secret_env"):
+        secret = os.environ.get(str(item["secret_env"]), "").encode()
+    else:
+        raise ConfigError(f"{where}: a webhook needs secret_file or secret_env (HMAC signature)")
+    if not secret:
+        raise ConfigError(f"{where}: the webhook secret is empty")
+    return SubscriberConfig(str(item.get("name", f"webhook:{url}")), "webhook", url, secret, backoff)
+
+
+def _keystore_settings(raw: Any, base: Path) -> KeystoreSettings | None:
+    """The ``[keystore]`` section: ``url`` (or ``path``: SQLite), intervals, subscribers."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("keystore: expected a table")
+    url = str(raw.get("url", ""))
+    if not url:
+        path = _resolve(base, str(raw.get("path", "var/keys.db")))
+        url = f"sqlite:///{path}"
+    elif url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{_resolve(base, url[len('sqlite:///') :])}"
+    rotation = float(raw.get("rotation_interval", 60.0))
+    refresh = float(raw.get("refresh_interval", 1.0))
+    if rotation <= 0 or refresh <= 0:
+        raise ConfigError("keystore: rotation_interval and refresh_interval must be positive")
+    items = raw.get("subscribers", [])
+    subs = tuple(_subscriber(item, base, f"keystore.subscribers[{i}]") for i, item in enumerate(items))
+    if len({s.name for s in subs}) != len(subs):
+        raise ConfigError("keystore: subscriber names must be unique")
+    return KeystoreSettings(url, rotation, refresh, subs)
 
 
 def _tls(raw: Any, base: Path, where: str) -> TlsConfig | None:

@@ -473,6 +473,24 @@ class Pkcs11Backend:
         except pkcs11.PKCS11Error:
             pass
 
+    def forget_key_digests(self, digests: frozenset[str]) -> int:
+        """Destroy cached handles of keys whose cryptogram's SHA-256 hex (as cached, or upper-cased)
+        is in ``digests`` (revoked or otherwise refused keys); the number of cache entries dropped."""
+        import hashlib
+
+        def refused(cryptogram: str) -> bool:
+            forms = {cryptogram, cryptogram.upper()}
+            return any(hashlib.sha256(c.encode()).hexdigest() in digests for c in forms)
+
+        doomed = [k for k in self._keys if refused(k[2])]
+        for cache_key in doomed:
+            for handle in _handles(self._keys.pop(cache_key)):
+                try:
+                    handle.destroy()
+                except pkcs11.PKCS11Error:
+                    pass
+        return len(doomed)
+
 
 _KB_ALGORITHMS = frozenset("ADTEHRS")
 _KB_MODES = frozenset("BCDEGNSTVXY")

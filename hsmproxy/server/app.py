@@ -14,6 +14,7 @@ from hsmproxy.cluster.router import Router
 from hsmproxy.commands import HANDLERS
 from hsmproxy.commands.base import CommandContext
 from hsmproxy.config import ListenerConfig, Settings
+from hsmproxy.keys.rotation import KeyLifecycle
 from hsmproxy.server.console import AdminConsole
 from hsmproxy.server.hostcmd import Dispatcher, HostCommandProtocol
 from hsmproxy.server.readiness import ReadinessServer
@@ -44,6 +45,8 @@ class Proxy:
     #: Bound ports of the admin console and the readiness endpoints (0: not listening).
     console_port: int = 0
     http_port: int = 0
+    #: ``[keystore]``: refused keys, rotation engine, event delivery (None without a keystore).
+    lifecycle: KeyLifecycle | None = None
 
     async def start(self) -> None:
         """Start every node worker, then every listener."""
@@ -66,6 +69,9 @@ class Proxy:
                 )
         self.router = Router(self.nodes, s.request_timeout, s.cluster, s.node_weights, s.backup_nodes)
         served = [s.tenants[lc.tenant] for lc in s.listeners if lc.tenant in s.tenants]
+        if s.keystore is not None:
+            self.lifecycle = KeyLifecycle(s.keystore, self.router)
+            await self.lifecycle.start()
         self.health = HealthChecker(self.router, check_lmk_id([*served, *s.tenants.values()]))
         self.health.start()
         if s.console_bind is not None:
@@ -149,7 +155,8 @@ class Proxy:
             )
             foreign = self.tenancy.foreign_lmks(t.name)
             dispatcher = Dispatcher(
-                self.router, HANDLERS, ctx, lc.header_length, s.disabled_commands, state, foreign
+                self.router, HANDLERS, ctx, lc.header_length, s.disabled_commands, state, foreign,
+                self.lifecycle.refused if self.lifecycle is not None else None,
             )
             self._dispatchers[(lc.name, state.name)] = dispatcher
         log.debug("connection from %s on %s: tenant %s by %s", proto.peer, lc.name, state.name, found.how)
@@ -160,6 +167,8 @@ class Proxy:
         for aux in (self.console, self.readiness, self.health):
             if aux is not None:
                 await aux.stop()
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
         for server in self.servers:
             server.close()
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT

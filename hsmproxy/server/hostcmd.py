@@ -14,6 +14,11 @@ token of the tenant's rate (waiting up to ``rate_max_delay``, else answered with
 request whose ``%LL`` names an LMK owned by another tenant answers ``13`` before its handler runs (an
 LMK id owned by no tenant is answered ``13`` by the command itself, where payShield answers it).
 The connection's tenant is chosen once, when it is accepted (``admit``).
+
+Refused keys (:mod:`hsmproxy.keys.rotation`): with a keystore, a well-formed request presenting a
+revoked, destroyed, suspended or grace-expired key in any of its key fields (the command's
+:class:`~protocols.hostcmd.fields.Key` fields) answers ``29`` here, before any handler runs — the
+one choke point for every command.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from hsmproxy.cluster.router import NoNodeAvailable, Router
 from hsmproxy.commands.base import CommandContext, Handler, Immediate
 from hsmproxy.tenancy import TenantState
 from protocols.framing import FrameError, Framer, encode_frame
 from protocols.hostcmd.envelope import EnvelopeError, build_response, split_request
-from protocols.hostcmd.fields import ParseError, format_fields, parse
+from protocols.hostcmd.fields import Field, Key, ParseError, format_fields, parse
 from protocols.hostcmd.table import COMMANDS
 
 log = logging.getLogger("hsmproxy.hostcmd")
@@ -41,6 +46,36 @@ NO_NODE_ERROR = "41"
 NOT_ALLOWED_ERROR = "17"
 #: An LMK id the tenant does not own.
 LMK_ERROR = "13"
+#: A key that the keystore refuses (revoked, destroyed, suspended, grace over).
+REFUSED_KEY_ERROR = "29"
+
+
+class RefusedKeySet(Protocol):
+    """What the dispatcher asks about keys (:class:`hsmproxy.keys.rotation.RefusedKeys`)."""
+
+    @property
+    def digests(self) -> frozenset[str]:
+        """Digests of refused cryptograms (empty: nothing to check)."""
+        ...
+
+    def refused(self, cryptogram: str) -> bool:
+        """True if the cryptogram must be refused."""
+        ...
+
+
+def _key_names(layout: tuple[Field, ...]) -> tuple[str, ...]:
+    """Names of the :class:`Key` fields of a layout, nested ones included."""
+    names: list[str] = []
+    for f in layout:
+        if isinstance(f, Key):
+            names.append(f.name)
+        inner = getattr(f, "fields", None)
+        if isinstance(inner, tuple):
+            names += _key_names(inner)
+    return tuple(dict.fromkeys(names))
+
+
+_KEY_FIELDS: dict[str, tuple[str, ...]] = {code: _key_names(spec.request) for code, spec in COMMANDS.items()}
 
 
 def _trailer_of(body: bytes) -> bytes:
@@ -60,7 +95,9 @@ class Dispatcher:
         disabled_commands: frozenset[str] = frozenset(),
         tenant: TenantState | None = None,
         foreign_lmks: frozenset[str] = frozenset(),
+        refused: RefusedKeySet | None = None,
     ) -> None:
+        self.refused = refused
         self.router = router
         self.handlers = handlers
         self.context = context
@@ -107,6 +144,12 @@ class Dispatcher:
             return build_response(header, code, exc.code, b"", _trailer_of(body))
         if parsed.values.get("lmk_id") in self.foreign_lmks:
             return build_response(header, code, LMK_ERROR, b"", parsed.trailer)
+        refused = self.refused
+        if refused is not None and refused.digests:
+            for name in _KEY_FIELDS.get(code, ()):
+                value = parsed.values.get(name)
+                if isinstance(value, str) and refused.refused(value):
+                    return build_response(header, code, REFUSED_KEY_ERROR, b"", parsed.trailer)
         action = handler(parsed.values, self.context)
         if isinstance(action, Immediate):
             return self._respond(header, code, action.error, action.values, parsed.values, parsed.trailer)
