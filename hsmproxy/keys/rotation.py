@@ -212,8 +212,35 @@ class RotationEngine:
             return "41", {}
         return result
 
+    def repair(self) -> int:
+        """Finish rotations a crash interrupted: older ACTIVE versions of a name go to GRACE.
+
+        Returns how many versions were moved.
+        """
+        latest: dict[tuple[str, str], KeyRecord] = {}
+        older: list[KeyRecord] = []
+        for record in sorted(self.store.list(state=KeyState.ACTIVE), key=lambda r: r.version):
+            key = (record.tenant, record.name)
+            if key in latest:
+                older.append(latest[key])
+            latest[key] = record
+        for record in older:
+            newest = latest[(record.tenant, record.name)]
+            self.store.transition(
+                record.tenant,
+                record.name,
+                record.version,
+                KeyState.GRACE,
+                actor=ACTOR,
+                reason=f"superseded by version {newest.version} (interrupted rotation completed)",
+                grace_until=self.clock() + (record.grace_period or timedelta(0)),
+            )
+        return len(older)
+
     async def run_once(self) -> list[RotationOutcome]:
-        """Rotate every version due now; the outcomes, in order."""
+        """Complete interrupted rotations, then rotate every version due now; the outcomes, in order."""
+        if self.repair() and self.on_change is not None:
+            self.on_change()
         outcomes = []
         for record in self.store.due_for_rotation(self.clock()):
             try:
@@ -270,6 +297,16 @@ class RotationEngine:
             reason=f"check value and test operation agree on {len(self.router.up_nodes())} node(s)",
         )
         period = grace if grace is not None else old.grace_period or timedelta(0)
+        # New version first: a crash between the two steps leaves two usable versions (repaired by
+        # the next run_once), never a name with no active version.
+        self.store.transition(
+            old.tenant,
+            old.name,
+            new.version,
+            KeyState.ACTIVE,
+            actor=ACTOR,
+            reason=f"rotation of version {old.version}",
+        )
         self.store.transition(
             old.tenant,
             old.name,
@@ -278,14 +315,6 @@ class RotationEngine:
             actor=ACTOR,
             reason=f"superseded by version {new.version}",
             grace_until=self.clock() + period,
-        )
-        self.store.transition(
-            old.tenant,
-            old.name,
-            new.version,
-            KeyState.ACTIVE,
-            actor=ACTOR,
-            reason=f"rotation of version {old.version}",
         )
         log.info("rotated %s: version %d active, version %d in grace", where, new.version, old.version)
         return self._done(RotationOutcome(old.tenant, old.name, old.version, new.version, "rotated"))

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections.abc import Coroutine, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -211,3 +212,30 @@ def test_default_validator_passes_on_every_node(env: tuple[RunningProxy, KeyStor
     bad = KeyRecord(**{**rec.__dict__, "kcv": "000000"})
     reason = run(rp, default_validator(eng, bad))
     assert reason is not None and "check value" in reason
+
+
+def test_an_interrupted_rotation_is_completed_by_the_next_run(tmp_path: Path) -> None:
+    """A crash after the new version went ACTIVE but before the old one went to GRACE is repaired."""
+    store = KeyStore.open(f"sqlite:///{tmp_path / 'keys.db'}")
+    try:
+        now = datetime.now(UTC)
+        base = KeyRecord(
+            tenant="default", name="zpk-a", version=1, key_type="ZPK", type_code="001", lmk_id="00",
+            cryptogram="U" + "1" * 32, kcv="000000", state=KeyState.ACTIVE, activation_date=now,
+            expiry_date=None, grace_until=None, rotate_every=None, grace_period=timedelta(days=7),
+            created_at=now, updated_at=now, created_by="test",
+        )  # fmt: skip
+        store.create(base, actor="test")
+        store.create(
+            replace(base, version=2, cryptogram="U" + "2" * 32, state=KeyState.PRE_ACTIVE), actor="test"
+        )
+        store.transition(
+            "default", "zpk-a", 2, KeyState.ACTIVE, actor="test", reason="rotation (crashed next)"
+        )
+        engine = RotationEngine(store, router=None)  # type: ignore[arg-type]
+        assert engine.repair() == 1
+        assert store.get("default", "zpk-a", 1).state == KeyState.GRACE
+        assert store.get("default", "zpk-a", 2).state == KeyState.ACTIVE
+        assert engine.repair() == 0
+    finally:
+        store.close()
