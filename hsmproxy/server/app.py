@@ -16,7 +16,7 @@ from hsmproxy.commands.base import CommandContext
 from hsmproxy.config import ListenerConfig, Settings
 from hsmproxy.keys.rotation import KeyLifecycle
 from hsmproxy.server.console import AdminConsole
-from hsmproxy.server.hostcmd import Dispatcher, HostCommandProtocol
+from hsmproxy.server.hostcmd import CommandObserver, CommandRecord, Dispatcher, HostCommandProtocol
 from hsmproxy.server.readiness import ReadinessServer
 from hsmproxy.tenancy import TenantRegistry, describe_certificate
 
@@ -39,6 +39,13 @@ class Proxy:
     #: Tenants' live state (connections, rate limiting) and per-connection resolution.
     tenancy: TenantRegistry | None = None
     _dispatchers: dict[tuple[str, str], Dispatcher] = field(default_factory=dict)
+    #: Called once per answered host command (metrics, audit): see CommandRecord.
+    observers: list[CommandObserver] = field(default_factory=list)
+
+    def _observe(self, record: CommandRecord) -> None:
+        for observer in self.observers:
+            observer(record)
+
     health: HealthChecker | None = None
     console: AdminConsole | None = None
     readiness: ReadinessServer | None = None
@@ -146,6 +153,9 @@ class Proxy:
             )
             return None
         proto.release = state.release_connection
+        proto.listener = lc.name
+        if self.observers:
+            proto.observer = self._observe
         self.connections.add(proto)
         dispatcher = self._dispatchers.get((lc.name, state.name))
         if dispatcher is None:
@@ -155,7 +165,13 @@ class Proxy:
             )
             foreign = self.tenancy.foreign_lmks(t.name)
             dispatcher = Dispatcher(
-                self.router, HANDLERS, ctx, lc.header_length, s.disabled_commands, state, foreign,
+                self.router,
+                HANDLERS,
+                ctx,
+                lc.header_length,
+                s.disabled_commands,
+                state,
+                foreign,
                 self.lifecycle.refused if self.lifecycle is not None else None,
             )
             self._dispatchers[(lc.name, state.name)] = dispatcher

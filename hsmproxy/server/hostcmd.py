@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from hsmproxy.cluster.router import NoNodeAvailable, Router
@@ -196,6 +198,26 @@ class Dispatcher:
         return self._respond(header, code, error, values, request_values, trailer)
 
 
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """What one answered host command was, for observers (metrics, audit): never a field value.
+
+    ``error`` is the response's error code; ``header`` the echoed message header (the client's
+    correlation id); ``latency`` seconds from the request's arrival to its response being written.
+    """
+
+    listener: str
+    tenant: str
+    peer: str
+    command: str
+    error: str
+    latency: float
+    header: bytes
+
+
+CommandObserver = Callable[[CommandRecord], None]
+
+
 class HostCommandProtocol(asyncio.Protocol):
     """One switch connection."""
 
@@ -222,6 +244,10 @@ class HostCommandProtocol(asyncio.Protocol):
         self.peer: Any = None
         #: Set by the listener when the connection limit is reached: the connection is closed at once.
         self.over_limit = False
+        #: Called once per answered command, in order (the one choke point for metrics and audit).
+        self.observer: CommandObserver | None = None
+        self.listener = ""
+        self._meta: deque[tuple[float, str]] = deque()
 
     @property
     def busy(self) -> bool:
@@ -263,9 +289,15 @@ class HostCommandProtocol(asyncio.Protocol):
             self._close_after_flush()
             return
         loop = asyncio.get_running_loop()
+        observe = self.observer is not None
+        hl = self._dispatcher.header_length
         for frame in frames:
+            if observe:
+                self._meta.append((time.perf_counter(), frame[hl : hl + 2].decode("latin-1")))
             result = self._dispatcher.handle(frame)
             if result is None:
+                if observe:
+                    self._meta.pop()
                 log.warning("closing connection from %s: frame shorter than header and command", self.peer)
                 self._close_after_flush()
                 return
@@ -289,25 +321,50 @@ class HostCommandProtocol(asyncio.Protocol):
             return
         out = bytearray()
         slots = self._slots
+        answered: list[bytes] = []
         while slots:
             head = slots[0]
             if isinstance(head, bytes):
-                out += encode_frame(head)
+                response = head
             elif head.done():
-                if head.cancelled() or head.exception() is not None:
-                    out += encode_frame(b"")  # never reached: dispatcher catches its errors
-                else:
-                    out += encode_frame(head.result())
+                # The dispatcher catches its own errors; a cancelled slot only happens on close.
+                response = b"" if head.cancelled() or head.exception() is not None else head.result()
             else:
                 break
+            out += encode_frame(response)
+            answered.append(response)
             slots.popleft()
         if out:
             transport.write(bytes(out))
+            if self.observer is not None and self._meta:
+                self._observe(answered)
         if self._paused and len(slots) <= self._max_inflight // 2:
             self._paused = False
             transport.resume_reading()
         if self._closing_after_flush and not slots:
             transport.close()
+
+    def _observe(self, answered: list[bytes]) -> None:
+        observer = self.observer
+        dispatcher = self._dispatcher
+        if observer is None or dispatcher is None:
+            return
+        hl = dispatcher.header_length
+        tenant = dispatcher.tenant.name if dispatcher.tenant is not None else dispatcher.context.tenant
+        peer = f"{self.peer[0]}:{self.peer[1]}" if isinstance(self.peer, tuple) else str(self.peer)
+        now = time.perf_counter()
+        for response in answered:
+            if not self._meta:
+                break
+            started, command = self._meta.popleft()
+            record = CommandRecord(
+                self.listener, tenant, peer, command, response[hl + 2 : hl + 4].decode("latin-1"),
+                now - started, response[:hl],
+            )  # fmt: skip
+            try:
+                observer(record)
+            except Exception:  # an observer must never break the connection
+                log.exception("command observer failed")
 
     def _close_after_flush(self) -> None:
         self._closing_after_flush = True

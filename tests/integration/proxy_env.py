@@ -16,6 +16,7 @@ import pytest
 
 from hsmproxy.config import Settings, load_settings
 from hsmproxy.server.app import Proxy
+from hsmproxy.server.hostcmd import CommandObserver
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -80,14 +81,14 @@ class RunningProxy:
         self.thread.join(30)
 
 
-def start_proxy(settings: Settings) -> RunningProxy:
-    """Start a proxy for ``settings`` and wait until it listens."""
+def start_proxy(settings: Settings, observers: list[CommandObserver] | None = None) -> RunningProxy:
+    """Start a proxy for ``settings`` (with command ``observers``) and wait until it listens."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict[str, object] = {}
 
     async def main() -> None:
-        proxy = Proxy(settings)
+        proxy = Proxy(settings, observers=list(observers or []))
         stop = asyncio.Event()
         holder["proxy"], holder["stop"] = proxy, stop
         await proxy.start()

@@ -103,3 +103,24 @@ def test_components_are_xored_and_only_check_values_printed(capsys: object) -> N
         f"component 1 check value: {kcv_tdes(bytes.fromhex('0123456789ABCDEFFEDCBA9876543210'))[:6]}"
         in printed
     )
+
+
+def test_every_answered_command_reaches_the_observers_once_in_order(proxy_config: Path) -> None:
+    from hsmproxy.server.hostcmd import CommandRecord
+
+    records: list[CommandRecord] = []
+    rp = start_proxy(load_settings(proxy_config), observers=[records.append])
+    try:
+        c = HsmClient("127.0.0.1", rp.port, header=b"H001")
+        try:
+            assert c.call(b"NC")[:4] == b"ND00"  # node command
+            assert c.call(b"B20002ok") == b"B300ok"  # answered by the front
+            assert c.call(b"CCQ") == b"CD26"  # field error
+            assert c.call(b"ZZ") == b"ZA68"  # unknown command
+        finally:
+            c.close()
+    finally:
+        rp.stop()
+    assert [(r.command, r.error) for r in records] == [("NC", "00"), ("B2", "00"), ("CC", "26"), ("ZZ", "68")]
+    assert all(r.header == b"H001" and r.listener == "host" and r.tenant == "default" for r in records)
+    assert all(r.peer.startswith("127.0.0.1:") and r.latency >= 0 for r in records)
