@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 NODES := node-a node-b
 # Bump when the LMK ceremony creates different token objects, so ./var is reloaded.
-LMK_LAYOUT := 2
+LMK_LAYOUT := 3
 
 .PHONY: run test lint typecheck unit deps softhsm emulator var bench clean
 

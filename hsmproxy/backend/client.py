@@ -15,6 +15,7 @@ import os
 import pickle
 import struct
 import time
+from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -56,6 +57,8 @@ class NodeClient:
         self._rbuf = bytearray()
         self._wbuf = bytearray()
         self._writing = False
+        #: Futures of ``request_stats`` calls, answered in order by the worker.
+        self._stats_waiters: deque[asyncio.Future[dict[str, int]]] = deque()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -171,6 +174,21 @@ class NodeClient:
             loop.call_soon(self._flush)
         return fut
 
+    def request_stats(self) -> asyncio.Future[dict[str, int]]:
+        """Ask the worker for its counters (``fallback_imports``, ``native_unwraps``, ``cache_hits``,
+        ``cache_misses``); the future fails with NodeDown if the worker is not running or dies first."""
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, int]] = loop.create_future()
+        if not self.up or self._conn is None:
+            fut.set_exception(NodeDown(self.name))
+            return fut
+        self._stats_waiters.append(fut)
+        data = pickle.dumps("stats", pickle.HIGHEST_PROTOCOL)
+        self._wbuf += struct.pack("!i", len(data))
+        self._wbuf += data
+        self._write_some()
+        return fut
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._queue = self._queue, []
@@ -229,7 +247,11 @@ class NodeClient:
             self._deliver(message)
 
     def _deliver(self, results: Any) -> None:
-        if isinstance(results, tuple):  # ("stats", ...) replies are not requests
+        if isinstance(results, tuple):  # ("stats", {...}) replies are not requests
+            if results and results[0] == "stats" and self._stats_waiters:
+                waiter = self._stats_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result({k: int(v) for k, v in dict(results[1]).items()})
             return
         device_failed = False
         for rid, code, values in results:
@@ -252,6 +274,10 @@ class NodeClient:
         for fut in inflight.values():
             if not fut.done():
                 fut.set_exception(NodeDown(f"{self.name}: {reason}"))
+        waiters, self._stats_waiters = self._stats_waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(NodeDown(f"{self.name}: {reason}"))
 
     def _worker_died(self, reason: str) -> None:
         if not self.up:

@@ -18,7 +18,15 @@ from hsmproxy.backend.errors import BackendError, DeviceError
 from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
 from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.config import ConfigError, load_settings
-from hsmproxy.keys.lmk import load_keyblock_lmk, load_variant_lmk, prompt_components, test_lmks
+from hsmproxy.keys.lmk import (
+    TEST_AUDIT_KEY,
+    TEST_AUDIT_KEY_ID,
+    load_audit_key,
+    load_keyblock_lmk,
+    load_variant_lmk,
+    prompt_components,
+    test_lmks,
+)
 
 
 def _open(spec: NodeSpec) -> Pkcs11Backend:
@@ -62,6 +70,8 @@ def _load_node(spec: NodeSpec, lmks: dict[str, tuple[str, list[bytes]]]) -> list
     for lmk_id, (scheme, values) in lmks.items():
         if scheme == "variant":
             result = load_variant_lmk(backend, spec.name, lmk_id, values)
+        elif scheme == "audit":  # the audit HMAC key (hsmproxy/audit.py), keyed "audit:<id>"
+            result = load_audit_key(backend, spec.name, lmk_id.split(":", 1)[1], values[0])
         else:
             result = load_keyblock_lmk(backend, spec.name, lmk_id, values[0])
         lines.append(
@@ -95,6 +105,7 @@ def run_lmk(args: argparse.Namespace) -> int:
         return 1
     if args.test:
         lmks = test_lmks()
+        lmks[f"audit:{TEST_AUDIT_KEY_ID}"] = ("audit", [TEST_AUDIT_KEY])
     else:
         if not args.lmk_id or len(args.lmk_id) != 2 or not args.lmk_id.isdigit():
             print("--id NN is required with --components", file=sys.stderr)

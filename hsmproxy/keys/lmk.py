@@ -13,6 +13,8 @@ and AES key-block id ``01``. Real LMKs are typed as components at a hidden promp
 from __future__ import annotations
 
 import getpass
+import hashlib
+import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -128,6 +130,43 @@ def load_keyblock_lmk(backend: Pkcs11Backend, node: str, lmk_id: str, key: bytes
     return LoadResult(node, lmk_id, "keyblock", _cmac(key, bytes(16))[:8].hex().upper(), 3)
 
 
+#: The public test audit HMAC key (id ``00``): 32 bytes, loaded by ``lmk load --test``. NOT a secret.
+TEST_AUDIT_KEY = bytes.fromhex("A0D17C4A1E5B3F2C6D7E8F90A1B2C3D4E5F60718293A4B5C6D7E8F9001122334")
+TEST_AUDIT_KEY_ID = "00"
+
+
+def audit_key_check_value(key: bytes) -> str:
+    """Check value of an audit HMAC key: the first 3 bytes of HMAC-SHA256(key, 16 zero bytes), hex."""
+    return hmac.new(key, bytes(16), hashlib.sha256).hexdigest()[:6].upper()
+
+
+def load_audit_key(backend: Pkcs11Backend, node: str, key_id: str, key: bytes) -> LoadResult:
+    """Create the audit HMAC key ``hsmproxy-audit:<key_id>`` (generic secret, sensitive,
+    non-extractable, sign/verify only) on ``backend``'s token, replacing an older one."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    if len(key) < 32:
+        raise ValueError("an audit HMAC key is at least 32 bytes")
+    label = f"hsmproxy-audit:{key_id}"
+    for old in backend.session.get_objects({Attribute.LABEL: label}):
+        old.destroy()
+    backend.session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.VALUE: key,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.VERIFY: True,
+            Attribute.LABEL: label,
+        }
+    )
+    return LoadResult(node, key_id, "audit", audit_key_check_value(key), 1)
+
+
 def test_lmks() -> dict[str, tuple[str, list[bytes]]]:
     """The public test LMKs: id 00 variant, id 01 AES key block."""
     return {
@@ -157,10 +196,14 @@ def prompt_components(count: int, length: int, ask: Callable[[str], str] = getpa
 
 __all__ = [
     "SCHEME_VARIANTS",
+    "TEST_AUDIT_KEY",
+    "TEST_AUDIT_KEY_ID",
     "TEST_KEYBLOCK_LMK",
     "TEST_VARIANT_LMK",
     "LoadResult",
+    "audit_key_check_value",
     "keyblock_keys",
+    "load_audit_key",
     "load_keyblock_lmk",
     "load_variant_lmk",
     "prompt_components",

@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
+from hsmproxy.audit import AuditWriter, load_audit_settings, router_chain_mac
 from hsmproxy.backend.client import NodeClient
 from hsmproxy.cluster.health import HealthChecker, check_lmk_id
 from hsmproxy.cluster.router import Router
@@ -15,6 +16,7 @@ from hsmproxy.commands import HANDLERS
 from hsmproxy.commands.base import CommandContext
 from hsmproxy.config import ListenerConfig, Settings
 from hsmproxy.keys.rotation import KeyLifecycle
+from hsmproxy.metrics import CONTENT_TYPE, Metrics
 from hsmproxy.server.console import AdminConsole
 from hsmproxy.server.hostcmd import CommandObserver, CommandRecord, Dispatcher, HostCommandProtocol
 from hsmproxy.server.readiness import ReadinessServer
@@ -54,6 +56,12 @@ class Proxy:
     http_port: int = 0
     #: ``[keystore]``: refused keys, rotation engine, event delivery (None without a keystore).
     lifecycle: KeyLifecycle | None = None
+    #: The Prometheus catalogue, served on ``[http] bind`` (None without it).
+    metrics: Metrics | None = None
+    #: True once the first round of health checks has completed (readiness).
+    health_checked: bool = False
+    #: ``[audit]``: the HMAC-chained audit trail (None without ``[audit] path``).
+    audit: AuditWriter | None = None
 
     async def start(self) -> None:
         """Start every node worker, then every listener."""
@@ -80,13 +88,27 @@ class Proxy:
             self.lifecycle = KeyLifecycle(s.keystore, self.router)
             await self.lifecycle.start()
         self.health = HealthChecker(self.router, check_lmk_id([*served, *s.tenants.values()]))
+        checks = await asyncio.gather(*(self.health.check_once(n) for n in self.nodes))
+        for node, (ok, reason, device) in zip(self.nodes, checks, strict=True):
+            self.health.observe(node, ok, reason, device)
+        self.health_checked = True
         self.health.start()
         if s.console_bind is not None:
             self.console = AdminConsole(self.router, s.tenants)
             self.console_port = await self.console.start(*s.console_bind)
         if s.http_bind is not None:
-            self.readiness = ReadinessServer(self.router)
+            self.metrics = Metrics(self, HANDLERS)
+            self.observers.append(self.metrics.observe)
+            await self.metrics.start()
+            self.readiness = ReadinessServer(
+                self.router, self.metrics.render, CONTENT_TYPE, lambda: self.health_checked
+            )
             self.http_port = await self.readiness.start(*s.http_bind)
+        audit_settings = load_audit_settings(s.source)
+        if audit_settings is not None:
+            self.audit = AuditWriter(audit_settings, router_chain_mac(self.router, audit_settings.key_id))
+            await self.audit.start()
+            self.observers.append(self.audit.observe)
         loop = asyncio.get_running_loop()
         self.tenancy = TenantRegistry(s.tenants, {lc.name: lc.tenant for lc in s.listeners})
         for lc in s.listeners:
@@ -180,7 +202,11 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), stop the nodes."""
-        for aux in (self.console, self.readiness, self.health):
+        if self.readiness is not None:
+            self.readiness.draining = True  # /readyz answers 503 while draining
+        if self.metrics is not None:
+            self.metrics.draining = True
+        for aux in (self.console, self.health, self.metrics):
             if aux is not None:
                 await aux.stop()
         if self.lifecycle is not None:
@@ -192,6 +218,10 @@ class Proxy:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.close()
+        if self.audit is not None:
+            await self.audit.stop()
+        if self.readiness is not None:
+            await self.readiness.stop()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)

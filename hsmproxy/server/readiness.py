@@ -1,8 +1,10 @@
-"""Liveness and readiness over HTTP (``[http] bind``), stdlib asyncio only.
+"""Liveness, readiness and metrics over HTTP (``[http] bind``), stdlib asyncio only.
 
-* ``GET /livez``  -> 200 while the process serves at all;
-* ``GET /readyz`` -> 200 while at least one node can take requests, 503 while none can
-  (``?verbose`` adds one line per node: name, admin state, operational state).
+* ``GET /livez``  -> 200 while the process serves at all (never depends on the HSMs);
+* ``GET /readyz`` -> 200 while at least one node can take requests; 503 while none can, while
+  draining (a graceful stop has started) and before the first health-check round has completed
+  (``?verbose`` adds one line per node: name, admin state, operational state);
+* ``GET /metrics`` -> the Prometheus text exposition of :mod:`hsmproxy.metrics` (404 without one).
 
 One request per connection (``Connection: close``); anything else answers 404 / 405 / 400.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from hsmproxy.cluster.router import Router
 
@@ -26,21 +29,50 @@ _REASONS = {
 }
 
 
-def _response(status: int, body: str, head_only: bool = False) -> bytes:
-    data = body.encode()
+#: Content type of the plain-text answers.
+TEXT = "text/plain; charset=utf-8"
+
+
+def _response(status: int, body: str | bytes, head_only: bool = False, content_type: str = TEXT) -> bytes:
+    data = body.encode() if isinstance(body, str) else body
     head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(data)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
     )
     return head.encode() + (b"" if head_only else data)
 
 
 class ReadinessServer:
-    """The /livez and /readyz endpoints."""
+    """The /livez, /readyz and /metrics endpoints.
 
-    def __init__(self, router: Router) -> None:
+    ``metrics`` renders the exposition (and ``metrics_type`` is its content type); ``checked``
+    tells whether the first health-check round has completed; ``draining`` is set by the proxy
+    when a graceful stop starts.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        metrics: Callable[[], bytes] | None = None,
+        metrics_type: str = TEXT,
+        checked: Callable[[], bool] | None = None,
+    ) -> None:
         self.router = router
+        self.metrics = metrics
+        self.metrics_type = metrics_type
+        self.checked = checked
+        self.draining = False
         self._server: asyncio.Server | None = None
+
+    def _not_ready(self) -> str:
+        """Why the proxy is not ready ("" when it is)."""
+        if self.draining:
+            return "draining"
+        if self.checked is not None and not self.checked():
+            return "waiting for the first health check"
+        if not self.router.ready():
+            return "no node is up"
+        return ""
 
     def answer(self, method: str, target: str) -> tuple[int, str]:
         """Status and body for one request line."""
@@ -50,8 +82,9 @@ class ReadinessServer:
         if path == "/livez":
             return 200, "ok\n"
         if path == "/readyz":
-            ready = self.router.ready()
-            body = "ready\n" if ready else "not ready: no node is up\n"
+            why = self._not_ready()
+            ready = not why
+            body = "ready\n" if ready else f"not ready: {why}\n"
             if "verbose" in query.split("&"):
                 now = self.router.clock()
                 for node in self.router.nodes:
@@ -87,8 +120,13 @@ class ReadinessServer:
                     line = await asyncio.wait_for(reader.readline(), 5)
                     if line in (b"\r\n", b"\n", b""):
                         break
-                status, body = self.answer(parts[0], parts[1])
-                writer.write(_response(status, body, head_only=parts[0] == "HEAD"))
+                head_only = parts[0] == "HEAD"
+                path = parts[1].partition("?")[0]
+                if path == "/metrics" and self.metrics is not None and parts[0] in ("GET", "HEAD"):
+                    writer.write(_response(200, self.metrics(), head_only, self.metrics_type))
+                else:
+                    status, body = self.answer(parts[0], parts[1])
+                    writer.write(_response(status, body, head_only=head_only))
             await writer.drain()
         except (TimeoutError, ValueError, ConnectionError, OSError, asyncio.LimitOverrunError):
             pass

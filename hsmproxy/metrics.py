@@ -1,0 +1,318 @@
+"""The one Prometheus catalogue of hsmproxy, served as ``GET /metrics`` on ``[http] bind``.
+
+Every family lives here, in a :class:`~prometheus_client.CollectorRegistry` owned by one
+:class:`Metrics` (one per :class:`~hsmproxy.server.app.Proxy`; the global registry is never used).
+
+Updated per answered host command (a :data:`~hsmproxy.server.hostcmd.CommandObserver`):
+
+* ``hsmproxy_commands_total{tenant,command,outcome}`` -- outcome ``ok`` (``00``), ``business``
+  (``01``/``02``: verification failed, a normal answer of a working HSM) or ``error_<d>x`` (the
+  error code's class by its first digit: ``error_1x`` key/parity/data, ``error_2x`` PIN/format,
+  ``error_4x`` no node/internal, ``error_6x`` disabled/unsupported ...);
+* ``hsmproxy_command_latency_seconds{command}`` -- histogram, buckets 0.1 ms .. 1 s (+Inf).
+
+Read at scrape time from live state (a custom collector: no I/O, never waits on a worker):
+
+* ``hsmproxy_connections{listener,tenant}``, ``hsmproxy_inflight_commands{listener,tenant}``;
+* ``hsmproxy_up`` (1 while at least one node takes requests), ``hsmproxy_draining``;
+* ``hsmproxy_node_state{node,state}`` (operational: UP / DOWN / EJECTED) and
+  ``hsmproxy_node_admin_state{node,state}`` (READY / DRAIN / MAINT): HAProxy style, one series
+  per possible state, 1 for the current one and 0 for the others;
+* ``hsmproxy_node_outstanding{node}``, ``hsmproxy_node_requests_total{node}``,
+  ``hsmproxy_node_errors_total{node}`` (transport errors, timeouts, device errors seen by the
+  router), ``hsmproxy_node_check_failures_total{node}``, ``hsmproxy_node_ejections_total{node}``,
+  ``hsmproxy_node_worker_restarts_total{node}``, ``hsmproxy_node_info{node,manufacturer,model,firmware}``;
+* from the node workers (refreshed by a background task every ``refresh_interval`` seconds, the
+  last answer is served): ``hsmproxy_node_key_cache_hits_total{node}``,
+  ``hsmproxy_node_key_cache_misses_total{node}`` (hit ratio = hits / (hits + misses)),
+  ``hsmproxy_node_fallback_unwraps_total{node}``, ``hsmproxy_node_native_unwraps_total{node}`` --
+  these restart from 0 with the worker, which Prometheus' ``rate()`` treats as a counter reset;
+* with a ``[keystore]`` (refreshed by the same task): ``hsmproxy_keys{state}``,
+  ``hsmproxy_keys_pending_rotation``, ``hsmproxy_keys_expiring{within="7d"|"30d"}``.
+
+Labels carry only configuration names (tenant, listener, node), two-letter command codes known to
+the proxy (any other code is counted as ``other``), outcome classes and device descriptions: never a
+key, PIN, PIN block, PAN or any other field value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hsmproxy.cluster.state import AdminState
+from hsmproxy.server.hostcmd import CommandRecord
+
+if TYPE_CHECKING:
+    from hsmproxy.server.app import Proxy
+
+log = logging.getLogger("hsmproxy.metrics")
+
+#: Content type of the text exposition format (what ``generate_latest`` writes).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Latency buckets: 0.1 ms .. 1 s.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+#: Seconds between refreshes of worker counters and key inventory.
+REFRESH_INTERVAL = 5.0
+#: Operational states of ``hsmproxy_node_state``.
+OPER_STATES = ("UP", "DOWN", "EJECTED")
+#: Worker counters: (stats key, family name suffix, help).
+WORKER_STATS = (
+    ("cache_hits", "key_cache_hits", "Working-key handle cache hits in the node worker."),
+    ("cache_misses", "key_cache_misses", "Working-key handle cache misses in the node worker."),
+    ("fallback_imports", "fallback_unwraps", "Keys brought into the token by the fallback (clear) path."),
+    ("native_unwraps", "native_unwraps", "Keys unwrapped natively by the token."),
+)
+
+
+def outcome(error: str) -> str:
+    """The ``outcome`` label of a response error code."""
+    if error == "00":
+        return "ok"
+    if error in ("01", "02"):
+        return "business"
+    if len(error) == 2 and error[0].isdigit():
+        return f"error_{error[0]}x"
+    return "error_other"
+
+
+class Metrics:
+    """The proxy's registry: command observer, scrape-time collector and refresh task."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        commands: Iterable[str] = (),
+        refresh_interval: float = REFRESH_INTERVAL,
+    ) -> None:
+        self.proxy = proxy
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.refresh_interval = refresh_interval
+        self.draining = False
+        self._known = frozenset(commands)
+        self.commands = Counter(
+            "hsmproxy_commands",
+            "Host commands answered, by tenant, command code and outcome.",
+            ("tenant", "command", "outcome"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hsmproxy_command_latency_seconds",
+            "Seconds from a request's arrival to its response being written.",
+            ("command",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        #: Failures by node (router: transport/timeout/device; health checks), counted by wrappers.
+        self.node_errors: dict[str, int] = {}
+        self.check_failures: dict[str, int] = {}
+        #: Last worker counters per node, and key inventory (None: no keystore or not read yet).
+        self.worker_stats: dict[str, dict[str, int]] = {}
+        self.inventory: dict[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.registry.register(_LiveCollector(self))
+
+    # -- per command ------------------------------------------------------------------------------
+
+    def observe(self, record: CommandRecord) -> None:
+        """Count one answered host command (the Proxy's command observer)."""
+        command = record.command if record.command in self._known else "other"
+        self.commands.labels(record.tenant, command, outcome(record.error)).inc()
+        self.latency.labels(command).observe(record.latency)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Hook failure counting into the router and health checker; read once; refresh periodically."""
+        router, health = self.proxy.router, self.proxy.health
+        if router is not None:
+            report = router.report_failure
+
+            def counted_failure(node: Any, reason: str) -> None:
+                self.node_errors[node.name] = self.node_errors.get(node.name, 0) + 1
+                report(node, reason)
+
+            setattr(router, "report_failure", counted_failure)  # noqa: B010 - instance hook, by design
+        if health is not None:
+            observe = health.observe
+
+            def counted_check(node: Any, ok: bool, reason: str, device: bool = False) -> None:
+                if not ok:
+                    self.check_failures[node.name] = self.check_failures.get(node.name, 0) + 1
+                observe(node, ok, reason, device)
+
+            setattr(health, "observe", counted_check)  # noqa: B010 - instance hook, by design
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-refresh")
+
+    async def stop(self) -> None:
+        """Stop the refresh task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                await self.refresh()
+            except Exception:  # metrics must never take the proxy down
+                log.exception("metrics refresh failed")
+
+    async def refresh(self, timeout: float = 2.0) -> None:
+        """Ask every running worker for its counters and read the key inventory (bounded wait)."""
+        nodes = [n for n in self.proxy.nodes if n.up]
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(n.request_stats(), timeout) for n in nodes), return_exceptions=True
+        )
+        for node, answer in zip(nodes, answers, strict=True):
+            if isinstance(answer, dict):
+                self.worker_stats[node.name] = answer
+        lifecycle = self.proxy.lifecycle
+        if lifecycle is not None:
+            try:
+                self.inventory = lifecycle.store.inventory(datetime.now(UTC))
+            except Exception:
+                log.warning("metrics: key inventory unavailable", exc_info=True)
+
+    # -- exposition -------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The text exposition of every family."""
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Families read from live proxy state at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.m
+        proxy = m.proxy
+        yield from self._connections(proxy)
+        router = proxy.router
+        up = GaugeMetricFamily("hsmproxy_up", "1 while at least one node can take requests.")
+        up.add_metric([], 1.0 if router is not None and router.ready() else 0.0)
+        yield up
+        draining = GaugeMetricFamily("hsmproxy_draining", "1 once a graceful stop has started.")
+        draining.add_metric([], 1.0 if m.draining else 0.0)
+        yield draining
+        if router is None:
+            return
+        now = router.clock()
+        oper = GaugeMetricFamily(
+            "hsmproxy_node_state",
+            "Operational state of each node (1: current state).",
+            labels=["node", "state"],
+        )
+        admin = GaugeMetricFamily(
+            "hsmproxy_node_admin_state",
+            "Admin state of each node (1: current state).",
+            labels=["node", "state"],
+        )
+        outstanding = GaugeMetricFamily(
+            "hsmproxy_node_outstanding", "Requests sent to the node and not yet answered.", labels=["node"]
+        )
+        per_node: dict[str, tuple[str, Callable[[str], float]]] = {
+            "requests": ("Requests routed to the node.", lambda n: router.state(n).requests),
+            "errors": ("Transport errors, timeouts and device errors.", lambda n: m.node_errors.get(n, 0)),
+            "check_failures": ("Failed active health checks.", lambda n: m.check_failures.get(n, 0)),
+            "ejections": ("Passive outlier ejections.", lambda n: router.state(n).ejections),
+        }
+        counters = {
+            key: CounterMetricFamily(f"hsmproxy_node_{key}", text, labels=["node"])
+            for key, (text, _) in per_node.items()
+        }
+        restarts = CounterMetricFamily("hsmproxy_node_worker_restarts", "Worker restarts.", labels=["node"])
+        info = InfoMetricFamily(
+            "hsmproxy_node", "The node's token.", labels=["node", "manufacturer", "model", "firmware"]
+        )
+        stats = {
+            key: CounterMetricFamily(f"hsmproxy_node_{name}", text, labels=["node"])
+            for key, name, text in WORKER_STATS
+        }
+        for node in router.nodes:
+            name = node.name
+            st = router.state(name)
+            current = st.status(now)
+            for state in OPER_STATES:
+                oper.add_metric([name, state], 1.0 if state == current else 0.0)
+            for a in AdminState:
+                admin.add_metric([name, a.value], 1.0 if a is st.admin else 0.0)
+            outstanding.add_metric([name], float(st.outstanding))
+            for key, (_, value) in per_node.items():
+                counters[key].add_metric([name], float(value(name)))
+            restarts.add_metric([name], float(getattr(node, "restarts", 0)))
+            node_info: dict[str, Any] = getattr(node, "info", {}) or {}
+            info.add_metric(
+                [name],
+                {k: str(node_info.get(k, "")) for k in ("manufacturer", "model", "firmware")},
+            )
+            worker = m.worker_stats.get(name, {})
+            for key, _, _ in WORKER_STATS:
+                stats[key].add_metric([name], float(worker.get(key, 0)))
+        yield from (oper, admin, outstanding, *counters.values(), restarts, info, *stats.values())
+        yield from self._inventory(m.inventory)
+
+    @staticmethod
+    def _connections(proxy: Proxy) -> Iterable[Metric]:
+        open_: dict[tuple[str, str], int] = {}
+        inflight: dict[tuple[str, str], int] = {}
+        for tenant in proxy.tenancy.tenants.values() if proxy.tenancy is not None else ():
+            for lc in proxy.settings.listeners:
+                if lc.tenant == tenant.name:
+                    open_.setdefault((lc.name, tenant.name), 0)
+                    inflight.setdefault((lc.name, tenant.name), 0)
+        for conn in list(proxy.connections):
+            dispatcher = getattr(conn, "_dispatcher", None)
+            if dispatcher is None:
+                continue
+            tenant = dispatcher.tenant.name if dispatcher.tenant is not None else dispatcher.context.tenant
+            key = (conn.listener, tenant)
+            open_[key] = open_.get(key, 0) + 1
+            inflight[key] = inflight.get(key, 0) + len(getattr(conn, "_slots", ()))
+        conns = GaugeMetricFamily(
+            "hsmproxy_connections", "Open host connections.", labels=["listener", "tenant"]
+        )
+        busy = GaugeMetricFamily(
+            "hsmproxy_inflight_commands", "Host commands received and not yet answered.",
+            labels=["listener", "tenant"],
+        )  # fmt: skip
+        for key in sorted(open_):
+            conns.add_metric(list(key), float(open_[key]))
+            busy.add_metric(list(key), float(inflight[key]))
+        yield conns
+        yield busy
+
+    @staticmethod
+    def _inventory(inv: dict[str, Any] | None) -> Iterable[Metric]:
+        if inv is None:
+            return
+        keys = GaugeMetricFamily(
+            "hsmproxy_keys", "Managed key versions by life-cycle state.", labels=["state"]
+        )
+        for state, count in sorted(inv.get("by_state", {}).items()):
+            keys.add_metric([str(state)], float(count))
+        pending = GaugeMetricFamily("hsmproxy_keys_pending_rotation", "Key versions due for rotation.")
+        pending.add_metric([], float(inv.get("pending_rotation", 0)))
+        expiring = GaugeMetricFamily(
+            "hsmproxy_keys_expiring", "Key versions expiring (or leaving grace) within a window.",
+            labels=["within"],
+        )  # fmt: skip
+        for days in (7, 30):
+            expiring.add_metric([f"{days}d"], float(inv.get(f"expiring_{days}d", 0)))
+        yield from (keys, pending, expiring)
