@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +81,13 @@ class RunningProxy:
         self.thread.join(30)
 
 
-def start_proxy(settings: Settings, observers: list[CommandObserver] | None = None) -> RunningProxy:
+def start_proxy(
+    settings: Settings,
+    observers: list[CommandObserver] | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> RunningProxy:
     """Start a proxy for ``settings`` (with command ``observers``) and wait until it listens."""
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     started = threading.Event()
     holder: dict[str, object] = {}
 
@@ -91,8 +95,10 @@ def start_proxy(settings: Settings, observers: list[CommandObserver] | None = No
         proxy = Proxy(settings, observers=list(observers or []))
         stop = asyncio.Event()
         holder["proxy"], holder["stop"] = proxy, stop
-        await proxy.start()
-        started.set()
+        try:
+            await proxy.start()
+        finally:
+            started.set()
         await stop.wait()
         await proxy.stop()
 

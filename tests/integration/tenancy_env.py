@@ -31,7 +31,7 @@ from hsmproxy.keys.ceremony import _in_child, _load_node
 from hsmproxy.server.app import Proxy
 from protocols.framing import Framer, encode_frame
 from tests.integration.conftest import HsmClient
-from tests.integration.proxy_env import make_nodes
+from tests.integration.proxy_env import make_nodes, start_proxy
 
 #: Tenant B's variant LMK (id 02): the test LMK with every byte XOR 5A (parity kept). Public test data.
 B_LMK = VariantLmk(tuple(bytes(b ^ 0x5A for b in pair) for pair in TEST_LMK.pairs))
@@ -293,36 +293,11 @@ def _load_tenant_b_lmks(settings: Settings) -> None:
 
 def start_uvloop_proxy(settings: Settings, pki: Path) -> TenancyProxy:
     """Run a Proxy for ``settings`` on a uvloop loop in a thread; wait until it listens."""
-    loop = uvloop.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, object] = {}
-
-    async def main() -> None:
-        proxy = Proxy(settings)
-        stop = asyncio.Event()
-        holder["proxy"], holder["stop"] = proxy, stop
-        try:
-            await proxy.start()
-        finally:
-            started.set()
-        await stop.wait()
-        await proxy.stop()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(main())
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="tenancy-proxy", daemon=True)
-    thread.start()
-    assert started.wait(60), "proxy did not start"
-    proxy, stop = holder["proxy"], holder["stop"]
-    assert isinstance(proxy, Proxy) and isinstance(stop, asyncio.Event)
+    rp = start_proxy(settings, loop_factory=uvloop.new_event_loop)
+    proxy = rp.proxy
     assert len(proxy.ports) == len(settings.listeners), "proxy did not open every listener"
     ports = {lc.name: port for lc, port in zip(settings.listeners, proxy.ports, strict=True)}
-    return TenancyProxy(settings, proxy, ports, pki, loop, thread, stop)
+    return TenancyProxy(settings, proxy, ports, pki, rp.loop, rp.thread, rp.stop_event)
 
 
 @contextmanager
