@@ -113,9 +113,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        #: Failures by node (router: transport/timeout/device; health checks), counted by wrappers.
-        self.node_errors: dict[str, int] = {}
-        self.check_failures: dict[str, int] = {}
         #: Last worker counters per node, and key inventory (None: no keystore or not read yet).
         self.worker_stats: dict[str, dict[str, int]] = {}
         self.inventory: dict[str, Any] | None = None
@@ -133,25 +130,7 @@ class Metrics:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Hook failure counting into the router and health checker; read once; refresh periodically."""
-        router, health = self.proxy.router, self.proxy.health
-        if router is not None:
-            report = router.report_failure
-
-            def counted_failure(node: Any, reason: str) -> None:
-                self.node_errors[node.name] = self.node_errors.get(node.name, 0) + 1
-                report(node, reason)
-
-            setattr(router, "report_failure", counted_failure)  # noqa: B010 - instance hook, by design
-        if health is not None:
-            observe = health.observe
-
-            def counted_check(node: Any, ok: bool, reason: str, device: bool = False) -> None:
-                if not ok:
-                    self.check_failures[node.name] = self.check_failures.get(node.name, 0) + 1
-                observe(node, ok, reason, device)
-
-            setattr(health, "observe", counted_check)  # noqa: B010 - instance hook, by design
+        """Read once; then refresh worker counters and the key inventory periodically."""
         await self.refresh()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-refresh")
 
@@ -229,8 +208,8 @@ class _LiveCollector(Collector):
         )
         per_node: dict[str, tuple[str, Callable[[str], float]]] = {
             "requests": ("Requests routed to the node.", lambda n: router.state(n).requests),
-            "errors": ("Transport errors, timeouts and device errors.", lambda n: m.node_errors.get(n, 0)),
-            "check_failures": ("Failed active health checks.", lambda n: m.check_failures.get(n, 0)),
+            "errors": ("Transport errors, timeouts, device errors.", lambda n: router.state(n).errors_total),
+            "check_failures": ("Failed health checks.", lambda n: router.state(n).check_failures_total),
             "ejections": ("Passive outlier ejections.", lambda n: router.state(n).ejections),
         }
         counters = {

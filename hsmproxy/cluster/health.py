@@ -94,6 +94,7 @@ class HealthChecker:
             return
         st.check_successes = 0
         st.check_failures += 1
+        st.check_failures_total += 1
         if not node.up:
             self.router.set_oper(node, OpState.DOWN, reason)  # the worker is gone: no need to wait for fall
             return

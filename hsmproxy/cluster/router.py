@@ -195,6 +195,7 @@ class Router:
         """Passive outlier detection: a transport error, timeout or device error on ``node``."""
         now = self.clock()
         st = self.states[node.name]
+        st.errors_total += 1
         if not node.up:
             self.set_oper(node, OpState.DOWN, f"worker not running ({reason})")
             return

@@ -93,6 +93,10 @@ class NodeState:
     ramp_from: float = 0.0
     check_failures: int = 0
     check_successes: int = 0
+    #: Lifetime counters (metrics): failures seen by the router (transport, timeout, device) and
+    #: failed active health checks.
+    errors_total: int = 0
+    check_failures_total: int = 0
     history: deque[StateChange] = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))
 
     def _record(self, what: str, old: str, new: str, reason: str) -> None:

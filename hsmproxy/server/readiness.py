@@ -25,6 +25,7 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -123,7 +124,13 @@ class ReadinessServer:
                 head_only = parts[0] == "HEAD"
                 path = parts[1].partition("?")[0]
                 if path == "/metrics" and self.metrics is not None and parts[0] in ("GET", "HEAD"):
-                    writer.write(_response(200, self.metrics(), head_only, self.metrics_type))
+                    try:
+                        page = self.metrics()
+                    except Exception:  # a broken collector must not take the endpoint down
+                        log.exception("rendering /metrics failed")
+                        writer.write(_response(500, "metrics unavailable\n", head_only=head_only))
+                    else:
+                        writer.write(_response(200, page, head_only, self.metrics_type))
                 else:
                     status, body = self.answer(parts[0], parts[1])
                     writer.write(_response(status, body, head_only=head_only))

@@ -205,3 +205,34 @@ def test_readyz_and_livez(metrics_proxy: RunningProxy) -> None:
     finally:
         readiness.checked = checked
     assert _http(port, "/readyz")[0] == 200
+
+
+def test_a_broken_collector_answers_500_and_the_endpoint_survives() -> None:
+    from hsmproxy.cluster.router import Router
+    from hsmproxy.server.readiness import ReadinessServer
+
+    def broken() -> bytes:
+        raise RuntimeError("collector bug")
+
+    async def go() -> tuple[bytes, bytes, bytes]:
+        server = ReadinessServer(Router([]), broken, "text/plain")
+        port = await server.start("127.0.0.1", 0)
+        try:
+
+            async def get(path: str) -> bytes:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                data = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+                return data
+
+            return await get("/metrics"), await get("/livez"), await get("/metrics")
+        finally:
+            await server.stop()
+
+    first, live, again = asyncio.run(go())
+    assert first.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert first.endswith(b"metrics unavailable\n")
+    assert live.startswith(b"HTTP/1.1 200 OK\r\n") and live.endswith(b"ok\n")
+    assert again.startswith(b"HTTP/1.1 500 ")

@@ -58,6 +58,7 @@ def test_fall_rise_and_recycle_on_device_failure() -> None:
     _run(checker, node, 1)
     assert router.state(node).oper is OpState.DOWN
     assert node.recycled == ["check answered 42"]
+    assert router.state(node).check_failures_total == 3  # lifetime count: not reset by the recycle
     assert "3 health checks failed" in router.state(node).history[-1].reason
     node.up, node.answer = True, "00"  # the restarted worker opened the token again
     _run(checker, node, 1)
@@ -115,3 +116,11 @@ def test_cluster_config() -> None:
             parse_settings({"cluster": bad, "nodes": [_NODE]}, Path("/tmp"))
     with pytest.raises(ConfigError):
         parse_settings({"nodes": [{**_NODE, "weight": -1}]}, Path("/tmp"))
+
+
+def test_router_failures_are_counted_per_node() -> None:
+    a, b = FakeNode("a"), FakeNode("b")
+    router = Router([a, b], settings=ClusterSettings())
+    router.report_failure(a, "transport or device error")
+    router.report_failure(a, "no answer within 2s")  # already ejected: still counted
+    assert router.state(a).errors_total == 2 and router.state(b).errors_total == 0
