@@ -26,7 +26,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +273,17 @@ class Pkcs11Backend:
                     h.destroy()
                 except pkcs11.PKCS11Error:
                     pass
+        return handle
+
+    def cached_object(self, cache_key: tuple[str, str, str], make: Callable[[], Any]) -> Any:
+        """The cached token object for ``cache_key`` (LMK id, kind, cryptogram), or ``make()``'s, cached.
+
+        Shares the working-key LRU (its size, hit/miss counters, destruction on eviction and on
+        revocation by cryptogram digest): for objects such as RSA private keys under the LMK.
+        """
+        handle = self._cache_get(cache_key)
+        if handle is None:
+            handle = self._cache_put(cache_key, make())
         return handle
 
     def decrypt_cryptogram(self, lmk_id: str, pair: str, variant: int, cryptogram: str) -> bytearray:

@@ -16,10 +16,10 @@ object on the token; both objects are destroyed at once (the clear key exists in
 during the operation, as on the fallback import path).
 
 EW decrypts the private key under the LMK object, parses it in the worker (``cryptography``'s DER
-reader, as the emulator accepts), creates a sensitive private-key session object and signs with
-``SHA*_RSA_PKCS`` on the token. EY checks the MAC on the token, then verifies with a public-key
-session object and ``SHA*_RSA_PKCS``. GM hashes with ``session.digest`` (``SHA_1``/``SHA224``/
-``SHA256``/``SHA384``/``SHA512``).
+reader, as the emulator accepts), creates a sensitive private-key session object (kept in the
+worker's key cache, like a working key) and signs with ``SHA*_RSA_PKCS`` on the token. EY checks
+the MAC on the token, then verifies with a public-key session object and ``SHA*_RSA_PKCS``. GM
+hashes with ``session.digest`` (``SHA_1``/``SHA224``/``SHA256``/``SHA384``/``SHA512``).
 
 Errors: ``01`` public-key MAC (EY), ``02`` signature does not verify, ``15`` undecodable key,
 ``43`` key generation failure, ``78`` private key length.
@@ -191,10 +191,9 @@ def _int_bytes(value: int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
-@op("rsa_sign")
-def rsa_sign(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
-    """EW: PKCS#1 v1.5 signature with a private key under the LMK, signed on the token."""
-    numbers = _load_private_key(backend, str(a["lmk_id"]), bytes(a["private_key"]))
+def _private_key_object(backend: Pkcs11Backend, lmk_id: str, blob: bytes) -> Any:
+    """A sensitive private-key session object for ``blob`` (a private key under the LMK)."""
+    numbers = _load_private_key(backend, lmk_id, blob)
     pub = numbers.public_numbers
     key: Any = backend.session.create_object(
         {
@@ -216,10 +215,21 @@ def rsa_sign(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
         }
     )
     del numbers
-    try:
-        signature = bytes(key.sign(bytes(a["message"]), mechanism=SIGN_MECHANISMS[a["hash_id"]]))
-    finally:
-        key.destroy()
+    return key
+
+
+@op("rsa_sign")
+def rsa_sign(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
+    """EW: PKCS#1 v1.5 signature with a private key under the LMK, signed on the token.
+
+    The private key object is cached like a working key (by LMK id and the key's LMK cryptogram),
+    so a card scheme's signing key is decrypted, parsed and created once, not per signature.
+    """
+    lmk_id, blob = str(a["lmk_id"]), bytes(a["private_key"])
+    key = backend.cached_object(
+        (lmk_id, "RSA", blob.hex().upper()), lambda: _private_key_object(backend, lmk_id, blob)
+    )
+    signature = bytes(key.sign(bytes(a["message"]), mechanism=SIGN_MECHANISMS[a["hash_id"]]))
     return "00", {"signature_length": f"{len(signature):04d}", "signature": signature}
 
 

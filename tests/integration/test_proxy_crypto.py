@@ -454,6 +454,38 @@ def test_ei_keys_are_interchangeable(pair: tuple[HsmClient, HsmClient], request_
     assert proxy.call(_ey(sig[8:], message, e_mac, e_der)) == b"EZ00"
 
 
+def test_ew_private_key_objects_are_cached(running_proxy: RunningProxy, emulator: RunningEmulator) -> None:
+    """Signatures with one private key reuse its token object (worker key-cache hits), and stay right."""
+    import asyncio
+
+    ref = HsmClient("127.0.0.1", emulator.port)
+    proxy = HsmClient("127.0.0.1", running_proxy.port)
+    try:
+        _mac, der, blob = _ei(ref, b"EI22048" + b"01")
+        pub = decode_public_key(der)
+        nodes = running_proxy.proxy.nodes
+
+        async def ask() -> list[dict[str, int]]:
+            return list(await asyncio.gather(*(n.request_stats() for n in nodes)))
+
+        def stats() -> tuple[int, int]:
+            got = asyncio.run_coroutine_threadsafe(ask(), running_proxy.loop).result(10)
+            return sum(g["cache_hits"] for g in got), sum(g["cache_misses"] for g in got)
+
+        hits0, misses0 = stats()
+        for i in range(6):
+            resp = proxy.call(_ew(blob, b"message %d" % i))
+            assert resp[:8] == b"EX000256"
+            pub.verify(resp[8:], b"message %d" % i, padding.PKCS1v15(), hashes.SHA256())
+            assert resp == ref.call(_ew(blob, b"message %d" % i))
+        hits1, misses1 = stats()
+        # key affinity sends one key to one node: one import, then hits (at most one import per node)
+        assert misses1 - misses0 <= len(nodes) and hits1 - hits0 >= 6 - len(nodes)
+    finally:
+        proxy.close()
+        ref.close()
+
+
 def test_rsa_paths_match_emulator(pair: tuple[HsmClient, HsmClient]) -> None:
     mac, der, blob = _ei(pair[1], b"EI21024" + b"02")
     sig = pair[1].call(_ew(blob, b"hello"))[8:]
