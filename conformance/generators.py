@@ -151,10 +151,10 @@ class GenContext:
     rsa: RsaMaterial | None = None
     _cache: dict[str, object] = field(default_factory=dict)
 
-    def rsa_material(self) -> RsaMaterial:
-        """The run's RSA key pair (a local 1024-bit pair unless the runner set one from EI)."""
+    def rsa_material(self, bits: int = 1024) -> RsaMaterial:
+        """The run's RSA key pair (a local ``bits``-bit pair unless the runner set one from EI)."""
         if self.rsa is None:
-            key = ersa.generate_rsa_key_pair(1024)
+            key = ersa.generate_rsa_key_pair(bits)
             der = ersa.public_key_der(key.public_key())
             self.rsa = RsaMaterial(
                 key, ersa.encrypt_private_key_under_lmk(self.lmk, key), der, public_key_mac(self.lmk, der)

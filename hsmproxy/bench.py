@@ -24,6 +24,9 @@ from typing import Any
 from protocols.framing import Framer, encode_frame
 from protocols.hostcmd.envelope import response_code
 
+#: Modulus of the RSA key pair that EW/EY requests use (one key, like a scheme's signing key).
+RSA_BITS = 2048
+
 
 @dataclass
 class BenchResult:
@@ -65,6 +68,8 @@ def build_requests(command: str, count: int, keys: str = "hot", seed: int = 1) -
     from conformance.generators import GenContext, generate
 
     ctx = GenContext()
+    if command in ("EW", "EY"):
+        ctx.rsa_material(RSA_BITS)  # the field's asymmetric target is stated for RSA-2048
     return [generate(command, seed, i, ctx).request for i in range(count)]
 
 
