@@ -48,6 +48,8 @@ class BenchResult:
     p99_ms: float = 0.0
     p999_ms: float = 0.0
     max_ms: float = 0.0
+    #: Idle connections held open during the run (each answered one NC first).
+    idle: int = 0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -146,8 +148,13 @@ async def run_bench(
     header_length: int = 4,
     keys: str = "hot",
     warmup: float = 1.0,
+    idle: int = 0,
 ) -> BenchResult:
-    """Run one measurement and return its result."""
+    """Run one measurement and return its result.
+
+    ``idle`` extra connections are opened first, each answers one ``NC``, and they stay open and
+    silent for the whole run (memory per connection; a busy server among many idle clients).
+    """
     requests = build_requests(command, 4096 if keys == "cold" else 512, keys)
     expect = response_code(command).encode()
     loop = asyncio.get_running_loop()
@@ -200,6 +207,8 @@ async def run_bench(
 
         return on_response
 
+    idle_conns = await _open_idle(host, port, idle, header_length)
+    result.idle = len(idle_conns)
     for ci in range(connections):
         handler = make_handler(ci)
 
@@ -238,7 +247,7 @@ async def run_bench(
         duration = time.perf_counter() - t0
     measuring = False
     await asyncio.sleep(0.2)
-    for c in conns:
+    for c in (*conns, *idle_conns):
         if c.transport is not None:
             c.transport.close()
     latencies.sort()
@@ -249,6 +258,39 @@ async def run_bench(
     result.p999_ms = round(1000 * _percentile(latencies, 0.999), 3)
     result.max_ms = round(1000 * (latencies[-1] if latencies else 0.0), 3)
     return result
+
+
+def _first_answer(fut: asyncio.Future[bytes]) -> Any:
+    """A response handler that resolves ``fut`` with the first frame."""
+
+    def on_response(frame: bytes) -> None:
+        if not fut.done():
+            fut.set_result(frame)
+
+    return on_response
+
+
+async def _open_idle(host: str, port: int, count: int, header_length: int) -> list[_Conn]:
+    """``count`` connections that each answered one NC (in batches, so a backlog never overflows)."""
+    loop = asyncio.get_running_loop()
+    opened: list[_Conn] = []
+    for first in range(0, count, 100):
+        answers: list[asyncio.Future[bytes]] = []
+        for _ in range(first, min(count, first + 100)):
+            answer: asyncio.Future[bytes] = loop.create_future()
+            answers.append(answer)
+
+            def factory(a: asyncio.Future[bytes] = answer) -> _Conn:
+                return _Conn(header_length, _first_answer(a))
+
+            _, proto = await loop.create_connection(factory, host, port)
+            assert proto.transport is not None
+            proto.transport.write(encode_frame(b"0" * header_length + b"NC"))
+            opened.append(proto)
+        for frame in await asyncio.wait_for(asyncio.gather(*answers), 30):
+            if frame[header_length : header_length + 4] != b"ND00":
+                raise RuntimeError(f"an idle connection's NC was answered {frame[header_length:][:4]!r}")
+    return opened
 
 
 class _Echo(asyncio.Protocol):
@@ -288,4 +330,5 @@ def format_result(r: BenchResult, as_json: bool) -> str:
         f"{r.target} {r.command} {r.mode} c={r.connections} d={r.depth}"
         f"{f' rate={r.rate:g}/s' if r.rate else ''}: {r.tps:,.0f} TPS, p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, "
         f"p99.9 {r.p999_ms} ms, errors {r.errors} {r.error_codes or ''}"
+        f"{f', {r.idle} idle connections held' if r.idle else ''}"
     )

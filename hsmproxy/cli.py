@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keys", choices=("hot", "cold"), default="hot", help="CC: one key pair, or one per request"
     )
     bench.add_argument("--header-length", type=_header_length, default=4)
+    bench.add_argument("--idle", type=int, default=0, help="extra idle connections held open during the run")
     bench.add_argument("--json", action="store_true")
 
     conf = sub.add_parser("conformance", help="differential run: target against reference")
@@ -189,6 +190,7 @@ def _bench(args: argparse.Namespace) -> int:
             args.duration,
             args.header_length,
             args.keys,
+            idle=args.idle,
         )
     )
     print(format_result(result, args.json))
