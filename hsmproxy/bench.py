@@ -24,6 +24,8 @@ from typing import Any
 from protocols.framing import Framer, encode_frame
 from protocols.hostcmd.envelope import response_code
 
+#: Distinct CC requests (each with its own key pair) for ``--keys cold``.
+COLD_REQUESTS = 65536
 #: Modulus of the RSA key pair that EW/EY requests use (one key, like a scheme's signing key).
 RSA_BITS = 2048
 
@@ -155,7 +157,9 @@ async def run_bench(
     ``idle`` extra connections are opened first, each answers one ``NC``, and they stay open and
     silent for the whole run (memory per connection; a busy server among many idle clients).
     """
-    requests = build_requests(command, 4096 if keys == "cold" else 512, keys)
+    # cold: more distinct key pairs than two nodes' key caches hold (2 x 4,096 handles), so every
+    # request really brings two new working keys into a token
+    requests = build_requests(command, COLD_REQUESTS if keys == "cold" else 512, keys)
     expect = response_code(command).encode()
     loop = asyncio.get_running_loop()
     result = BenchResult(
