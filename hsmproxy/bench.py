@@ -156,7 +156,12 @@ async def run_bench(
 
     ``idle`` extra connections are opened first, each answers one ``NC``, and they stay open and
     silent for the whole run (memory per connection; a busy server among many idle clients).
+    ``command = "iso"``: an ISO 8583 listener, 0200 with PIN + MAC translation (hsmproxy.iso8583.bench).
     """
+    if command == "iso":
+        from hsmproxy.iso8583.bench import run_iso_bench
+
+        return await run_iso_bench(host, port, connections, depth, rate, duration, warmup)
     # cold: more distinct key pairs than two nodes' key caches hold (2 x 4,096 handles), so every
     # request really brings two new working keys into a token
     requests = build_requests(command, COLD_REQUESTS if keys == "cold" else 512, keys)

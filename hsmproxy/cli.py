@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="validate a config file")
     chk.add_argument("--config", default="config.toml", metavar="PATH")
 
+    con = sub.add_parser("console", help="admin console client (or: console passwd → a password hash)")
+    con.add_argument(
+        "action", nargs="?", choices=("connect", "passwd"), default="connect",
+        help="connect (default) or passwd: print the scrypt hash of a password (stdin or prompt)",
+    )  # fmt: skip
+    con.add_argument("--host", default="127.0.0.1")
+    con.add_argument("--port", type=int, default=9998)
+    con.add_argument("--user", default="", help="log in first (HSMPROXY_CONSOLE_PASSWORD or a prompt)")
+
     lmk = sub.add_parser("lmk", help="LMK ceremony: load and list LMKs on nodes")
     lmk_sub = lmk.add_subparsers(dest="lmk_command", required=True)
     load = lmk_sub.add_parser("load", help="create an LMK's objects on node tokens")
@@ -61,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--components", type=int, metavar="N", help="type N components of a variant LMK at a hidden prompt"
     )
+    how.add_argument(
+        "--audit-components", type=int, metavar="N",
+        help="type N components (32 bytes each) of the audit HMAC key at a hidden prompt",
+    )  # fmt: skip
+    load.add_argument("--audit-id", default="00", metavar="NN", help="audit key id (default 00)")
     lst = lmk_sub.add_parser("list", help="LMK ids, schemes and check values per node")
     lst.add_argument("--config", default="config.toml", metavar="PATH")
 
@@ -129,8 +143,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 1
-        print(f"{args.config}: ok ({len(settings.listeners)} listeners, {len(settings.nodes)} nodes)")
+        except (ValueError, TypeError) as exc:  # a value of the wrong type the parser did not word
+            print(f"config error: {args.config}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{args.config}: ok ({len(settings.listeners)} listeners, {len(settings.nodes)} nodes, "
+            f"{len(settings.tenants)} tenants, {len(settings.console_users)} console users)"
+        )
         return 0
+    if args.subcommand == "console":
+        if args.action == "passwd":
+            from hsmproxy.server.console import run_passwd
+
+            return run_passwd()
+        from hsmproxy.console_client import run_console
+
+        return run_console(args.host, args.port, args.user)
     if args.subcommand == "lmk":
         from hsmproxy.keys.ceremony import run_lmk
 

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hsmproxy.audit import AuditConfigError, AuditSettings, parse_audit_settings
 from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.cluster.state import ClusterSettings
+from hsmproxy.iso8583.config import IsoConfigError, IsoSettings, parse_iso8583
+from hsmproxy.server.console import ConsoleUser, parse_console_users
 from hsmproxy.tenancy import TenantConfig, TlsConfig, parse_tenants, parse_tls
 
 __all__ = [
@@ -103,6 +106,14 @@ class Settings:
     http_bind: tuple[str, int] | None = None
     #: ``[keystore]`` (None: no key inventory, no rotation engine, no refused-key checks).
     keystore: KeystoreSettings | None = None
+    #: ``protocol = "iso8583"`` listeners and ``[[iso8583.routes]]`` (None: no ISO 8583 gateway).
+    iso8583: IsoSettings | None = None
+    #: ``[[console.users]]`` (empty: no login, console on loopback only).
+    console_users: tuple[ConsoleUser, ...] = ()
+    #: ``[proxy] drain_timeout``: seconds a graceful stop waits for in-flight requests.
+    drain_timeout: float = 10.0
+    #: ``[audit]`` (None: no audit trail; see :mod:`hsmproxy.audit`).
+    audit: AuditSettings | None = None
 
 
 def _host_port(text: str, where: str) -> tuple[str, int]:
@@ -233,6 +244,20 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
     timeout = float(os.environ.get("HSMPROXY_REQUEST_TIMEOUT", proxy.get("request_timeout", 2.0)))
     if timeout <= 0:
         raise ConfigError("request_timeout must be positive")
+    try:
+        drain_timeout = float(proxy.get("drain_timeout", 10.0))
+    except (TypeError, ValueError):
+        raise ConfigError("proxy.drain_timeout: expected seconds") from None
+    if drain_timeout < 0:
+        raise ConfigError("proxy.drain_timeout must not be negative")
+    console_bind = _optional_bind(data, "console")
+    console = data.get("console", {})
+    if not isinstance(console, dict):
+        raise ConfigError("console: expected a table")
+    try:
+        console_users = parse_console_users(console.get("users"), console_bind)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(
         listeners=tuple(listeners),
         nodes=tuple(nodes),
@@ -245,10 +270,22 @@ def parse_settings(data: dict[str, Any], base: Path, source: str = "") -> Settin
         cluster=_cluster_settings(data),
         node_weights=node_weights,
         backup_nodes=frozenset(backup_nodes),
-        console_bind=_optional_bind(data, "console"),
+        console_bind=console_bind,
+        console_users=console_users,
+        drain_timeout=drain_timeout,
         http_bind=_optional_bind(data, "http"),
         keystore=_keystore_settings(data.get("keystore"), base),
+        iso8583=_iso8583_settings(data, base, tenants),
+        audit=_audit_settings(data, base),
     )
+
+
+def _audit_settings(data: dict[str, Any], base: Path) -> AuditSettings | None:
+    """The ``[audit]`` section (and ``[audit.syslog]``), validated by :mod:`hsmproxy.audit`."""
+    try:
+        return parse_audit_settings(data, base)
+    except AuditConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _subscriber(item: Any, base: Path, where: str) -> SubscriberConfig:
@@ -326,6 +363,16 @@ def _listener_tenants(
                 raise ConfigError(f"listener {name}: tenant {explicit[name]!r}, but {t.name!r} claims it")
             claimed[name] = t.name
     return [replace(lc, tenant=explicit.get(lc.name, claimed.get(lc.name, "default"))) for lc in listeners]
+
+
+def _iso8583_settings(
+    data: dict[str, Any], base: Path, tenants: dict[str, TenantConfig]
+) -> IsoSettings | None:
+    """ISO 8583 listeners and routes, validated by :mod:`hsmproxy.iso8583.config`."""
+    try:
+        return parse_iso8583(data, base, tenants)
+    except IsoConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:

@@ -28,7 +28,12 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
   ``hsmproxy_node_fallback_unwraps_total{node}``, ``hsmproxy_node_native_unwraps_total{node}`` --
   these restart from 0 with the worker, which Prometheus' ``rate()`` treats as a counter reset;
 * with a ``[keystore]`` (refreshed by the same task): ``hsmproxy_keys{state}``,
-  ``hsmproxy_keys_pending_rotation``, ``hsmproxy_keys_expiring{within="7d"|"30d"}``.
+  ``hsmproxy_keys_pending_rotation``, ``hsmproxy_keys_expiring{within="7d"|"30d"}``;
+* with an ``[audit]`` trail: ``hsmproxy_audit_records_written_total``,
+  ``hsmproxy_audit_records_dropped_total`` (a gap in the trail), ``hsmproxy_audit_pending``,
+  ``hsmproxy_audit_failing`` (1 while the file cannot be written) and, with ``[audit.syslog]``,
+  ``hsmproxy_audit_syslog_sent_total``, ``hsmproxy_audit_syslog_dropped_total``,
+  ``hsmproxy_audit_syslog_connects_total``.
 
 Labels carry only configuration names (tenant, listener, node), two-letter command codes known to
 the proxy (any other code is counted as ``other``), outcome classes and device descriptions: never a
@@ -246,6 +251,36 @@ class _LiveCollector(Collector):
                 stats[key].add_metric([name], float(worker.get(key, 0)))
         yield from (oper, admin, outstanding, *counters.values(), restarts, info, *stats.values())
         yield from self._inventory(m.inventory)
+        yield from self._audit(getattr(m.proxy, "audit", None))
+
+    @staticmethod
+    def _audit(audit: Any) -> Iterable[Metric]:
+        """The audit trail's counters (nothing without ``[audit]``)."""
+        if audit is None:
+            return
+        for name, text, value in (
+            ("records_written", "Audit records written to the file (chain records included).", audit.written),
+            ("records_dropped", "Audit records lost (queue overflow, write errors): gaps.", audit.dropped),
+        ):
+            family = CounterMetricFamily(f"hsmproxy_audit_{name}", text)
+            family.add_metric([], float(value))
+            yield family
+        pending = GaugeMetricFamily("hsmproxy_audit_pending", "Audit records waiting for their MAC/write.")
+        pending.add_metric([], float(audit.settings.max_pending - audit.room()))
+        yield pending
+        failing = GaugeMetricFamily("hsmproxy_audit_failing", "1 while the audit file cannot be written.")
+        failing.add_metric([], 1.0 if audit.failing else 0.0)
+        yield failing
+        sink = audit.sink
+        if sink is not None:
+            for name, text, value in (
+                ("sent", "Audit records delivered to the syslog server.", sink.sent),
+                ("dropped", "Audit records the syslog queue dropped (server away or slow).", sink.dropped),
+                ("connects", "Connections made to the syslog server.", sink.connects),
+            ):
+                family = CounterMetricFamily(f"hsmproxy_audit_syslog_{name}", text)
+                family.add_metric([], float(value))
+                yield family
 
     @staticmethod
     def _connections(proxy: Proxy) -> Iterable[Metric]:

@@ -479,6 +479,31 @@ class TenantRegistry:
                 owners.setdefault(lmk, set()).add(cfg.name)
         self._owners = owners
 
+    def update(self, tenants: Mapping[str, TenantConfig], listener_tenants: Mapping[str, str]) -> list[str]:
+        """Config reload: swap in new tenant configs (synchronously); returns the removed tenants' names.
+
+        A kept tenant keeps its live state (connections, counters); its rate limiter restarts full
+        when ``rate`` or ``burst`` changed. Connections of a removed tenant keep their old state
+        until they close.
+        """
+        states: dict[str, TenantState] = {}
+        for name, cfg in tenants.items():
+            state = self.tenants.get(name)
+            if state is None:
+                state = TenantState(cfg)
+            else:
+                if (cfg.rate, cfg.burst) != (state.config.rate, state.config.burst):
+                    state.bucket = TokenBucket(cfg.rate, cfg.burst) if cfg.rate > 0 else None
+                state.config = cfg
+            states[name] = state
+        removed = sorted(set(self.tenants) - set(tenants))
+        owners: dict[str, set[str]] = {}
+        for cfg in tenants.values():
+            for lmk in cfg.lmk_ids:
+                owners.setdefault(lmk, set()).add(cfg.name)
+        self.tenants, self.listener_tenants, self._owners = states, dict(listener_tenants), owners
+        return removed
+
     def foreign_lmks(self, tenant: str) -> frozenset[str]:
         """LMK ids owned by other tenants and not by ``tenant``."""
         return frozenset(lmk for lmk, names in self._owners.items() if tenant not in names)

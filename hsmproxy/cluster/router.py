@@ -28,6 +28,8 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hsmproxy.backend.client import NodeDown
@@ -35,12 +37,30 @@ from hsmproxy.cluster.state import AdminState, ClusterSettings, NodeState, OpSta
 
 log = logging.getLogger("hsmproxy.cluster")
 
+
+@dataclass(slots=True)
+class RequestNote:
+    """What serving one host command learned, for its audit record (never a field value): the node
+    that answered ("" for an immediate answer) and the named keys it presented (id, check value)."""
+
+    node: str = ""
+    key_ids: tuple[tuple[str, str], ...] = ()
+
+
+#: The note of the request served in this context: set by the listener (while an observer is
+#: registered) around the dispatch, so the request's task carries it; None otherwise.
+REQUEST_NOTE: ContextVar[RequestNote | None] = ContextVar("hsmproxy_request_note", default=None)
+
 #: Default spill threshold (kept for callers of the first router).
 AFFINITY_SPILL = 32
 
 
 class NoNodeAvailable(Exception):
     """No node is eligible to serve the request."""
+
+
+class AuditUnavailable(NoNodeAvailable):
+    """``[audit] fail_closed``: the audit trail cannot take records, so host commands get no node."""
 
 
 class Backend(Protocol):
@@ -85,6 +105,8 @@ class Router:
         self.deadline = deadline
         self.settings = settings or ClusterSettings()
         self.retries = 0
+        #: ``[audit] fail_closed``: host-command operations run only while this returns True.
+        self.gate: Callable[[], bool] | None = None
         weights = weights or {}
         self.states: dict[str, NodeState] = {}
         for n in self.nodes:
@@ -168,6 +190,8 @@ class Router:
 
     async def execute(self, op: str, args: dict[str, Any], affinity: str = "") -> tuple[str, Any]:
         """Run ``op`` on a node; retry once on another node if the first fails or times out."""
+        if self.gate is not None and REQUEST_NOTE.get() is not None and not self.gate():
+            raise AuditUnavailable("the audit trail cannot take records (fail_closed)")
         node = self.pick(affinity)
         try:
             return await self._attempt(node, op, args)
@@ -181,7 +205,11 @@ class Router:
         st.outstanding += 1
         st.requests += 1
         try:
-            return await asyncio.wait_for(node.submit(op, args), self.deadline)
+            result = await asyncio.wait_for(node.submit(op, args), self.deadline)
+            note = REQUEST_NOTE.get()
+            if note is not None:
+                note.node = node.name
+            return result
         except NodeDown:
             self.report_failure(node, "transport or device error")
             raise

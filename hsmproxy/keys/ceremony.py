@@ -9,6 +9,7 @@ parent, and handed to the child over a pipe; only check values are printed.
 from __future__ import annotations
 
 import argparse
+import getpass
 import multiprocessing
 import os
 import sys
@@ -21,6 +22,7 @@ from hsmproxy.config import ConfigError, load_settings
 from hsmproxy.keys.lmk import (
     TEST_AUDIT_KEY,
     TEST_AUDIT_KEY_ID,
+    audit_key_check_value,
     load_audit_key,
     load_keyblock_lmk,
     load_variant_lmk,
@@ -106,6 +108,25 @@ def run_lmk(args: argparse.Namespace) -> int:
     if args.test:
         lmks = test_lmks()
         lmks[f"audit:{TEST_AUDIT_KEY_ID}"] = ("audit", [TEST_AUDIT_KEY])
+    elif getattr(args, "audit_components", None):
+        # The audit HMAC key (hsmproxy/audit.py) as an LMK is made: XOR of N components typed by
+        # N custodians; each component's and the key's check value are printed, never a value.
+        key_id = str(args.audit_id)
+        if not 1 <= len(key_id) <= 8 or not key_id.isalnum():
+            print("--audit-id must be 1..8 letters or digits", file=sys.stderr)
+            return 1
+        if args.audit_components < 2:
+            print("--audit-components needs at least 2 components (dual control)", file=sys.stderr)
+            return 1
+        try:
+            value = prompt_components(
+                args.audit_components, 32, ask=getpass.getpass, check=audit_key_check_value
+            )
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"audit key {key_id} check value: {audit_key_check_value(value)}")
+        lmks = {f"audit:{key_id}": ("audit", [value])}
     else:
         if not args.lmk_id or len(args.lmk_id) != 2 or not args.lmk_id.isdigit():
             print("--id NN is required with --components", file=sys.stderr)

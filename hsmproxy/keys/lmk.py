@@ -175,10 +175,16 @@ def test_lmks() -> dict[str, tuple[str, list[bytes]]]:
     }
 
 
-def prompt_components(count: int, length: int, ask: Callable[[str], str] = getpass.getpass) -> bytes:
+def prompt_components(
+    count: int,
+    length: int,
+    ask: Callable[[str], str] = getpass.getpass,
+    check: Callable[[bytes], str] | None = None,
+) -> bytes:
     """Read ``count`` hex components of ``length`` bytes at a hidden prompt; return their XOR.
 
-    Prints each component's check value (never the component) as ceremonies require.
+    Prints each component's check value (never the component) as ceremonies require: ``check`` of
+    the component (default: the TDES check value of its first 16 bytes).
     """
     result = bytes(length)
     for i in range(1, count + 1):
@@ -189,7 +195,8 @@ def prompt_components(count: int, length: int, ask: Callable[[str], str] = getpa
             raise ValueError(f"component {i} is not hexadecimal") from None
         if len(comp) != length:
             raise ValueError(f"component {i} must be {2 * length} hex characters")
-        print(f"component {i} check value: {kcv_tdes(comp[:16])[:6]}")
+        cv = check(comp) if check is not None else kcv_tdes(comp[:16])[:6]
+        print(f"component {i} check value: {cv}")
         result = bytes(a ^ b for a, b in zip(result, comp, strict=True))
     return result
 

@@ -73,6 +73,9 @@ class RefusedKeys:
 
     def __init__(self) -> None:
         self.digests: frozenset[str] = frozenset()
+        #: Named keys for audit records: cryptogram (upper case) -> (``tenant/name@version``, check
+        #: value); kept current by :class:`hsmproxy.audit.KeyTrail` (empty without ``[audit]``).
+        self.named: dict[str, tuple[str, str]] = {}
 
     def refused(self, cryptogram: str) -> bool:
         """True if ``cryptogram`` (as sent, or upper-cased: hex is case-blind) is refused."""

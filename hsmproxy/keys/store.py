@@ -524,6 +524,22 @@ class KeyStore:
         keys = ("at", "actor", "action", "version", "from_state", "to_state", "reason")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
+    def history_since(self, after_id: int, limit: int = 500) -> HistoryRows:
+        """History rows of every key with ``id > after_id``, oldest first, each with the version's
+        check value (``kcv``): the audit trail's cursor over the life cycle
+        (:class:`hsmproxy.audit.KeyTrail`). Keys: id, tenant, name, version, at, actor, action,
+        from_state, to_state, reason, kcv."""
+        rows = self._read(
+            "SELECT h.id, h.tenant, h.name, h.version, h.at, h.actor, h.action, h.from_state, h.to_state,"
+            " h.reason, k.kcv FROM key_history h LEFT JOIN keys k"
+            " ON k.tenant = h.tenant AND k.name = h.name AND k.version = h.version"
+            " WHERE h.id > ? ORDER BY h.id LIMIT ?",
+            (after_id, limit),
+        )
+        keys = ("id", "tenant", "name", "version", "at", "actor", "action", "from_state", "to_state",
+                "reason", "kcv")  # fmt: skip
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
     # -- rotation and refusal --------------------------------------------------------------------
 
     def due_for_rotation(self, now: datetime) -> Records:

@@ -5,4 +5,4 @@ from __future__ import annotations
 
 def load_all() -> None:
     """Import every operation module so that each registers its operations."""
-    from hsmproxy.ops import audit, card, data, dukpt, emv, keys, lifecycle, mac, pin, pin_lmk, rsa  # noqa: F401
+    from hsmproxy.ops import audit, card, data, dukpt, emv, iso, keys, lifecycle, mac, pin, pin_lmk, rsa  # noqa: F401

@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
-from hsmproxy.audit import AuditWriter, load_audit_settings, router_chain_mac
+from hsmproxy.audit import AuditWriter, proxy_audit
 from hsmproxy.backend.client import NodeClient
 from hsmproxy.cluster.health import HealthChecker, check_lmk_id
 from hsmproxy.cluster.router import Router
 from hsmproxy.commands import HANDLERS
 from hsmproxy.commands.base import CommandContext
-from hsmproxy.config import ListenerConfig, Settings
+from hsmproxy.config import ConfigError, ListenerConfig, Settings, load_settings
+from hsmproxy.iso8583.server import IsoGateway
 from hsmproxy.keys.rotation import KeyLifecycle
 from hsmproxy.metrics import CONTENT_TYPE, Metrics
 from hsmproxy.server.console import AdminConsole
@@ -24,8 +25,48 @@ from hsmproxy.tenancy import TenantRegistry, describe_certificate
 
 log = logging.getLogger("hsmproxy")
 
-#: Seconds a graceful stop waits for in-flight requests.
+#: Seconds a graceful stop waits for in-flight requests (default of ``[proxy] drain_timeout``).
 DRAIN_TIMEOUT = 10.0
+#: Seconds a drained connection (answers written, EOF sent) waits for the client to close it.
+LINGER = 2.0
+#: Settings a reload cannot change in a running proxy (reported: "takes effect on restart").
+RESTART_FIELDS = (
+    "listeners", "nodes", "console_bind", "http_bind", "keystore", "audit", "strict_key_custody", "iso8583",
+)  # fmt: skip
+
+
+def _describe_changes(old: Settings, new: Settings, had_overrides: bool) -> list[str]:
+    """What a reload changes at run time, one phrase per kind of change (no secrets)."""
+    out: list[str] = []
+    added = sorted(set(new.tenants) - set(old.tenants))
+    changed = sorted(n for n in set(new.tenants) & set(old.tenants) if new.tenants[n] != old.tenants[n])
+    if added:
+        out.append(f"tenants added: {', '.join(added)}")
+    if changed:
+        out.append(f"tenants changed: {', '.join(changed)}")
+    for name in ("request_timeout", "drain_timeout", "disabled_commands", "disabled_pin_formats"):
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            show = (lambda v: " ".join(sorted(v)) or "-") if isinstance(a, frozenset) else str
+            out.append(f"{name} {show(a)} -> {show(b)}")
+    oc, nc = old.cluster, new.cluster
+    cluster = [f.name for f in fields(oc) if getattr(oc, f.name) != getattr(nc, f.name)]
+    if cluster:
+        out.append(f"cluster: {', '.join(cluster)}")
+    nodes = {n.name for n in old.nodes} & {n.name for n in new.nodes}
+    reweighted = sorted(
+        n
+        for n in nodes
+        if old.node_weights.get(n, 1) != new.node_weights.get(n, 1)
+        or (n in old.backup_nodes) != (n in new.backup_nodes)
+    )
+    if reweighted:
+        out.append(f"node weight/backup: {', '.join(reweighted)}")
+    if old.console_users != new.console_users:
+        out.append(f"console users: {len(new.console_users)}")
+    if had_overrides:
+        out.append("console CONFIGCMDS/CONFIGPB overrides reset to the file")
+    return out
 
 
 @dataclass
@@ -62,6 +103,19 @@ class Proxy:
     health_checked: bool = False
     #: ``[audit]``: the HMAC-chained audit trail (None without ``[audit] path``).
     audit: AuditWriter | None = None
+    #: ``protocol = "iso8583"`` listeners (None without any; ports in ``iso.ports``).
+    iso: IsoGateway | None = None
+    #: True once a graceful stop has begun (readyz 503, console QH says DRAINING).
+    draining: bool = False
+    #: Set by the console's SHUTDOWN; ``shutdown_wait``: drain in-flight requests first.
+    shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    shutdown_wait: bool = True
+    #: Per-tenant disabled host commands (answer 68) and PIN block formats (answer 69): the file's
+    #: ``[proxy]`` lists plus console CONFIGCMDS/CONFIGPB overrides (a RELOAD resets them).
+    _disabled_cmds: dict[str, frozenset[str]] = field(default_factory=dict)
+    _disabled_pb: dict[str, frozenset[str]] = field(default_factory=dict)
+    _next_conn_id: int = 0
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self) -> None:
         """Start every node worker, then every listener."""
@@ -94,7 +148,8 @@ class Proxy:
         self.health_checked = True
         self.health.start()
         if s.console_bind is not None:
-            self.console = AdminConsole(self.router, s.tenants)
+            self.console = AdminConsole(self, s.console_users)
+            self.observers.append(self.console.observe)
             self.console_port = await self.console.start(*s.console_bind)
         if s.http_bind is not None:
             self.metrics = Metrics(self, HANDLERS)
@@ -104,9 +159,8 @@ class Proxy:
                 self.router, self.metrics.render, CONTENT_TYPE, lambda: self.health_checked
             )
             self.http_port = await self.readiness.start(*s.http_bind)
-        audit_settings = load_audit_settings(s.source)
-        if audit_settings is not None:
-            self.audit = AuditWriter(audit_settings, router_chain_mac(self.router, audit_settings.key_id))
+        if s.audit is not None:
+            self.audit = proxy_audit(s.audit, self.router, self.lifecycle)
             await self.audit.start()
             self.observers.append(self.audit.observe)
         loop = asyncio.get_running_loop()
@@ -122,8 +176,9 @@ class Proxy:
             tls: dict[str, object] = {}
             if lc.tls is not None:
                 tls = {"ssl": lc.tls.server_context(), "ssl_handshake_timeout": lc.tls.handshake_timeout}
+            # reuse_port: a second instance can bind the same port for a blue-green switch.
             server = await loop.create_server(
-                factory, lc.host, lc.port, reuse_address=True, backlog=1024, **tls
+                factory, lc.host, lc.port, reuse_address=True, reuse_port=True, backlog=1024, **tls
             )  # type: ignore[call-overload]
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
@@ -144,11 +199,16 @@ class Proxy:
                     lc.tls.min_version,
                     "required" if lc.tls.require_client_cert else asked,
                 )
+        if s.iso8583 is not None:
+            self.iso = IsoGateway(self, s.iso8583)
+            await self.iso.start()
 
     def _admit(self, proto: HostCommandProtocol, lc: ListenerConfig) -> Dispatcher | None:
         """Count a new connection and pick its tenant's dispatcher; None (logged) refuses it."""
-        s = self.settings
         assert self.router is not None and self.tenancy is not None
+        if self.draining:
+            log.info("refusing connection from %s: draining", proto.peer)
+            return None
         if len(self.connections) >= lc.max_connections:
             log.warning("refusing connection from %s: connection limit reached", proto.peer)
             return None
@@ -176,6 +236,8 @@ class Proxy:
             return None
         proto.release = state.release_connection
         proto.listener = lc.name
+        self._next_conn_id += 1
+        proto.conn_id = self._next_conn_id
         if self.observers:
             proto.observer = self._observe
         self.connections.add(proto)
@@ -183,7 +245,11 @@ class Proxy:
         if dispatcher is None:
             t = state.config
             ctx = CommandContext(
-                t.name, t.lmk_ids, t.default_lmk, s.disabled_pin_formats, keyblock_lmk=t.keyblock_lmk
+                t.name,
+                t.lmk_ids,
+                t.default_lmk,
+                self.tenant_disabled_pin_formats(t.name),
+                keyblock_lmk=t.keyblock_lmk,
             )
             foreign = self.tenancy.foreign_lmks(t.name)
             dispatcher = Dispatcher(
@@ -191,7 +257,7 @@ class Proxy:
                 HANDLERS,
                 ctx,
                 lc.header_length,
-                s.disabled_commands,
+                self.tenant_disabled_commands(t.name),
                 state,
                 foreign,
                 self.lifecycle.refused if self.lifecycle is not None else None,
@@ -200,24 +266,161 @@ class Proxy:
         log.debug("connection from %s on %s: tenant %s by %s", proto.peer, lc.name, state.name, found.how)
         return dispatcher
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), stop the nodes."""
+    # -- runtime policy, reload, shutdown ---------------------------------------------------------
+
+    def tenant_disabled_commands(self, tenant: str) -> frozenset[str]:
+        """Host commands answered 68 for ``tenant``: ``[proxy] disabled_commands`` or a console override."""
+        return self._disabled_cmds.get(tenant, self.settings.disabled_commands)
+
+    def tenant_disabled_pin_formats(self, tenant: str) -> frozenset[str]:
+        """PIN block formats answered 69 for ``tenant``: ``[proxy] disabled_pin_formats`` or an override."""
+        return self._disabled_pb.get(tenant, self.settings.disabled_pin_formats)
+
+    def set_tenant_policy(
+        self,
+        tenant: str,
+        disabled_commands: frozenset[str] | None = None,
+        disabled_pin_formats: frozenset[str] | None = None,
+    ) -> None:
+        """Runtime override (console CONFIGCMDS / CONFIGPB) until the next reload."""
+        if disabled_commands is not None:
+            self._disabled_cmds[tenant] = frozenset(disabled_commands)
+        if disabled_pin_formats is not None:
+            self._disabled_pb[tenant] = frozenset(disabled_pin_formats)
+        self._refresh_dispatchers(tenant)
+
+    def _refresh_dispatchers(self, only: str | None = None) -> None:
+        """Push tenants' config and policy into their dispatchers (synchronous: atomic for requests)."""
+        assert self.tenancy is not None
+        for (_, name), d in self._dispatchers.items():
+            t = self.settings.tenants.get(name)
+            if t is None or (only is not None and name != only):
+                continue
+            d.context = replace(
+                d.context,
+                lmk_ids=t.lmk_ids,
+                default_lmk=t.default_lmk,
+                keyblock_lmk=t.keyblock_lmk,
+                disabled_pin_formats=self.tenant_disabled_pin_formats(name),
+            )
+            d.disabled_commands = self.tenant_disabled_commands(name)
+            d.foreign_lmks = self.tenancy.foreign_lmks(name)
+
+    def request_shutdown(self, wait: bool = True) -> None:
+        """Console SHUTDOWN: ask :func:`serve` to stop (``wait``: drain in-flight requests first)."""
+        self.shutdown_wait = wait
+        self.shutdown_requested.set()
+
+    async def reload(self) -> str:
+        """Re-read ``settings.source`` and swap in what can change at run time; returns a summary.
+
+        Swapped at once (no await in between, so no request sees half of it): tenants (LMK ids,
+        commands, limits, clients), disabled commands and PIN formats (console overrides are reset),
+        request_timeout, drain_timeout, ``[cluster]``, node weights and backup flags, console users.
+        Listeners, nodes, the console/http binds, ``[keystore]``, ``[audit]`` and strict key custody
+        take effect on restart (named in the summary). Raises ConfigError, keeping the old config,
+        when the file is invalid.
+        """
+        async with self._reload_lock:
+            old = self.settings
+            if not old.source:
+                raise ConfigError("nothing to reload: these settings were not read from a file")
+            try:
+                new = await asyncio.to_thread(load_settings, old.source)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError, KeyError, OSError) as exc:  # e.g. int("x") in a section
+                raise ConfigError(f"{old.source}: {type(exc).__name__}: {exc}") from None
+            restart = [f for f in RESTART_FIELDS if getattr(old, f, None) != getattr(new, f, None)]
+            listener_tenants = {lc.name: lc.tenant for lc in old.listeners}
+            for lc in new.listeners:
+                if lc.name in listener_tenants:
+                    listener_tenants[lc.name] = lc.tenant
+            missing = sorted({t for t in listener_tenants.values() if t and t not in new.tenants})
+            if missing:
+                raise ConfigError(
+                    f"tenant {', '.join(missing)} is the tenant of a running listener and cannot be removed "
+                    "by a reload (change the listener, then restart)"
+                )
+            changes = _describe_changes(old, new, bool(self._disabled_cmds or self._disabled_pb))
+            effective = replace(new, **{f: getattr(old, f) for f in RESTART_FIELDS if hasattr(old, f)})
+            # -- the swap: synchronous from here on -------------------------------------------------
+            self.settings = effective
+            removed: list[str] = []
+            if self.tenancy is not None:
+                removed = self.tenancy.update(effective.tenants, listener_tenants)
+            for key in [k for k in self._dispatchers if k[1] in removed]:
+                del self._dispatchers[key]
+            self._disabled_cmds.clear()
+            self._disabled_pb.clear()
+            self._refresh_dispatchers()
+            if self.router is not None:
+                self.router.deadline = effective.request_timeout
+                self.router.settings = effective.cluster
+                for name, st in self.router.states.items():
+                    if name in {n.name for n in new.nodes}:
+                        st.weight = effective.node_weights.get(name, 1)
+                        st.backup = name in effective.backup_nodes
+            if self.console is not None:
+                self.console.users = {u.name: u for u in effective.console_users}
+            # -- background parts -------------------------------------------------------------------
+            health = self.health
+            if health is not None:
+                health.check_args["lmk_id"] = check_lmk_id(list(effective.tenants.values()))
+                if health.settings != effective.cluster:
+                    await health.stop()
+                    health.settings = effective.cluster
+                    health.start()
+        if removed:
+            changes.append(f"tenants removed (open connections run until they close): {', '.join(removed)}")
+        summary = f"reloaded {old.source}: " + ("; ".join(changes) if changes else "no run-time changes")
+        log.info("config %s", summary)
+        if restart:
+            note = f"changed, takes effect on restart: {', '.join(restart)}"
+            log.warning("config reload: %s", note)
+            summary += f"; {note}"
+        return summary
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting, let in-flight requests finish (``drain_timeout``; none if not ``drain``),
+        stop the nodes. Connections stop reading at once: a request read before is answered."""
+        self.draining = True
         if self.readiness is not None:
             self.readiness.draining = True  # /readyz answers 503 while draining
         if self.metrics is not None:
             self.metrics.draining = True
+        for server in self.servers:
+            server.close()
+        # A signal handler runs before the loop polls again: let it read what clients sent before
+        # the stop began (already in the socket buffers), then read no more.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        for c in list(self.connections):
+            c.drain_and_close()
+        if self.iso is not None:
+            await self.iso.stop(self.settings.drain_timeout if drain else 0.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.settings.drain_timeout if drain else 0.0)
+        while any(c.busy for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        unfinished = sum(c.inflight for c in self.connections)
+        if unfinished:
+            log.warning(
+                "drain: closing %d connections with %d unanswered requests", len(self.connections), unfinished
+            )
+        else:  # every answer is written and EOF sent: give the clients a moment to close their end
+            linger = min(deadline, loop.time() + LINGER)
+            while self.connections and loop.time() < linger:
+                await asyncio.sleep(0.02)
+        for c in list(self.connections):
+            c.close()
         for aux in (self.console, self.health, self.metrics):
             if aux is not None:
                 await aux.stop()
+        if self.audit is not None and self.audit.keys is not None:
+            await self.audit.keys.stop()  # its last look at the keystore, before the store closes
         if self.lifecycle is not None:
             await self.lifecycle.stop()
-        for server in self.servers:
-            server.close()
-        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT
-        while any(c.busy for c in self.connections) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
-        for c in list(self.connections):
-            c.close()
         if self.audit is not None:
             await self.audit.stop()
         if self.readiness is not None:
@@ -231,19 +434,44 @@ class Proxy:
 async def serve(
     settings: Settings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
 ) -> None:
-    """Run the proxy until SIGTERM/SIGINT (or ``stop`` is set)."""
+    """Run the proxy until SIGTERM/SIGINT, a console SHUTDOWN (or ``stop`` is set); SIGHUP reloads."""
     proxy = Proxy(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            await proxy.reload()  # logs its summary
+        except ConfigError as exc:
+            log.error("SIGHUP: reload failed, the old config stays in force: %s", exc)
+        except Exception:
+            log.exception("SIGHUP: reload failed, the old config stays in force")
+
+    def on_hup() -> None:
+        if proxy.tenancy is None:
+            log.warning("SIGHUP ignored: the proxy is still starting")
+            return
+        log.info("SIGHUP: reloading %s", proxy.settings.source)
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await proxy.start()
     if ready is not None:
         ready.set()
+    waits = [loop.create_task(stop.wait()), loop.create_task(proxy.shutdown_requested.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        log.info("stopping: draining in-flight requests")
-        await proxy.stop()
+        for w in waits:
+            w.cancel()
+        drain = proxy.shutdown_wait or not proxy.shutdown_requested.is_set()
+        log.info("stopping: %s", "draining in-flight requests" if drain else "console SHUTDOWN without WAIT")
+        await proxy.stop(drain=drain)
         log.info("stopped")

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from hsmproxy.cluster.router import NoNodeAvailable, Router
+from hsmproxy.cluster.router import REQUEST_NOTE, NoNodeAvailable, RequestNote, Router
 from hsmproxy.commands.base import CommandContext, Handler, Immediate
 from hsmproxy.tenancy import TenantState
 from protocols.framing import FrameError, Framer, encode_frame
@@ -78,6 +78,20 @@ def _key_names(layout: tuple[Field, ...]) -> tuple[str, ...]:
 
 
 _KEY_FIELDS: dict[str, tuple[str, ...]] = {code: _key_names(spec.request) for code, spec in COMMANDS.items()}
+
+
+def _named_keys(
+    named: Mapping[str, tuple[str, str]], fields: tuple[str, ...], values: Mapping[str, Any]
+) -> tuple[tuple[str, str], ...]:
+    """(id, check value) of the named keystore keys among a request's key fields (dict lookups only)."""
+    out = []
+    for name in fields:
+        value = values.get(name)
+        if isinstance(value, str):
+            found = named.get(value) or named.get(value.upper())
+            if found is not None:
+                out.append(found)
+    return tuple(out)
 
 
 def _trailer_of(body: bytes) -> bytes:
@@ -147,6 +161,11 @@ class Dispatcher:
         if parsed.values.get("lmk_id") in self.foreign_lmks:
             return build_response(header, code, LMK_ERROR, b"", parsed.trailer)
         refused = self.refused
+        note = REQUEST_NOTE.get()
+        if note is not None and refused is not None:  # before refusing: a 29 names the key too
+            named = getattr(refused, "named", None)  # named keys: cryptogram -> (id, check value)
+            if named:
+                note.key_ids = _named_keys(named, _KEY_FIELDS.get(code, ()), parsed.values)
         if refused is not None and refused.digests:
             for name in _KEY_FIELDS.get(code, ()):
                 value = parsed.values.get(name)
@@ -213,6 +232,10 @@ class CommandRecord:
     error: str
     latency: float
     header: bytes
+    #: Node that answered ("" for an answer given without a node) and the named keystore keys the
+    #: request presented, as (``tenant/name@version``, check value) pairs (unnamed keys: nothing).
+    node: str = ""
+    key_ids: tuple[tuple[str, str], ...] = ()
 
 
 CommandObserver = Callable[[CommandRecord], None]
@@ -240,6 +263,8 @@ class HostCommandProtocol(asyncio.Protocol):
         self._max_inflight = max_inflight
         self._paused = False
         self._closing_after_flush = False
+        self._graceful = False
+        self._eof_sent = False
         self._on_close = on_close
         self.peer: Any = None
         #: Set by the listener when the connection limit is reached: the connection is closed at once.
@@ -247,17 +272,41 @@ class HostCommandProtocol(asyncio.Protocol):
         #: Called once per answered command, in order (the one choke point for metrics and audit).
         self.observer: CommandObserver | None = None
         self.listener = ""
-        self._meta: deque[tuple[float, str]] = deque()
+        self._meta: deque[tuple[float, str, RequestNote]] = deque()
+        #: For the admin console (SHOW CLIENTS, KILL CLIENT): id, accepted at (epoch s), requests read.
+        self.conn_id = 0
+        self.since = time.time()
+        self.requests = 0
 
     @property
     def busy(self) -> bool:
         """True while responses are pending on this connection."""
         return bool(self._slots)
 
+    @property
+    def inflight(self) -> int:
+        """Requests read and not yet answered."""
+        return len(self._slots)
+
+    @property
+    def tenant_name(self) -> str:
+        """The connection's tenant ("" before it is admitted)."""
+        d = self._dispatcher
+        if d is None:
+            return ""
+        return d.tenant.name if d.tenant is not None else d.context.tenant
+
     def close(self) -> None:
         """Close the connection now."""
         if self._transport is not None:
             self._transport.close()
+
+    def drain_and_close(self) -> None:
+        """Graceful stop: read no further request, answer those already read, then send EOF (the
+        connection closes when the peer closes it, or at :meth:`close`)."""
+        if self._transport is not None:
+            self._graceful = True
+            self._close_after_flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Remember the transport and the peer address (or refuse it when over the limit)."""
@@ -290,11 +339,21 @@ class HostCommandProtocol(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         observe = self.observer is not None
+        self.requests += len(frames)
         hl = self._dispatcher.header_length
         for frame in frames:
             if observe:
-                self._meta.append((time.perf_counter(), frame[hl : hl + 2].decode("latin-1")))
-            result = self._dispatcher.handle(frame)
+                note = RequestNote()
+                self._meta.append((time.perf_counter(), frame[hl : hl + 2].decode("latin-1"), note))
+                token = REQUEST_NOTE.set(note)  # the request's task (if any) keeps the note
+                try:
+                    result = self._dispatcher.handle(frame)
+                    if result is not None and not isinstance(result, bytes):
+                        result = asyncio.ensure_future(result, loop=loop)
+                finally:
+                    REQUEST_NOTE.reset(token)
+            else:
+                result = self._dispatcher.handle(frame)
             if result is None:
                 if observe:
                     self._meta.pop()
@@ -341,8 +400,15 @@ class HostCommandProtocol(asyncio.Protocol):
         if self._paused and len(slots) <= self._max_inflight // 2:
             self._paused = False
             transport.resume_reading()
-        if self._closing_after_flush and not slots:
-            transport.close()
+        if self._closing_after_flush and not slots and not self._eof_sent:
+            if self._graceful and transport.can_write_eof():
+                # FIN, then read and discard until the peer closes: closing with unread requests
+                # in the socket would send a RST, which can destroy answers the peer has not read.
+                self._eof_sent = True
+                transport.write_eof()
+                transport.resume_reading()
+            else:
+                transport.close()
 
     def _observe(self, answered: list[bytes]) -> None:
         observer = self.observer
@@ -356,10 +422,10 @@ class HostCommandProtocol(asyncio.Protocol):
         for response in answered:
             if not self._meta:
                 break
-            started, command = self._meta.popleft()
+            started, command, note = self._meta.popleft()
             record = CommandRecord(
                 self.listener, tenant, peer, command, response[hl + 2 : hl + 4].decode("latin-1"),
-                now - started, response[:hl],
+                now - started, response[:hl], note.node, note.key_ids,
             )  # fmt: skip
             try:
                 observer(record)
@@ -371,7 +437,7 @@ class HostCommandProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.pause_reading()
         self._drain()
-        if not self._slots and self._transport is not None:
+        if not self._slots and self._transport is not None and not self._eof_sent:
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -13,11 +13,15 @@ log = logging.getLogger("hsmproxy")
 
 
 def run_serve(config_path: str) -> int:
-    """Load the config and serve until SIGTERM; 0 on a clean stop, 1 on a config error."""
+    """Load the config and serve until SIGTERM/SIGINT or a console SHUTDOWN (SIGHUP reloads);
+    0 on a clean stop (drained), 1 on a config error."""
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as exc:  # a value of the wrong type the parser did not word
+        print(f"config error: {config_path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     try:
         import uvloop

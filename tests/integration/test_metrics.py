@@ -236,3 +236,28 @@ def test_a_broken_collector_answers_500_and_the_endpoint_survives() -> None:
     assert first.endswith(b"metrics unavailable\n")
     assert live.startswith(b"HTTP/1.1 200 OK\r\n") and live.endswith(b"ok\n")
     assert again.startswith(b"HTTP/1.1 500 ")
+
+
+def test_audit_families() -> None:
+    from types import SimpleNamespace
+
+    from hsmproxy.metrics import _LiveCollector
+
+    assert list(_LiveCollector._audit(None)) == []
+    sink = SimpleNamespace(sent=7, dropped=2, connects=3)
+    settings = SimpleNamespace(max_pending=100)
+
+    def room() -> int:
+        return 96
+
+    audit = SimpleNamespace(written=10, dropped=1, failing=True, sink=sink, settings=settings, room=room)
+    values = {f.name: (f.type, f.samples[0].value) for f in _LiveCollector._audit(audit)}
+    assert values == {
+        "hsmproxy_audit_records_written": ("counter", 10.0),
+        "hsmproxy_audit_records_dropped": ("counter", 1.0),
+        "hsmproxy_audit_pending": ("gauge", 4.0),
+        "hsmproxy_audit_failing": ("gauge", 1.0),
+        "hsmproxy_audit_syslog_sent": ("counter", 7.0),
+        "hsmproxy_audit_syslog_dropped": ("counter", 2.0),
+        "hsmproxy_audit_syslog_connects": ("counter", 3.0),
+    }

@@ -4,7 +4,8 @@ The proxy runs in-process with ``hsmproxy.logs.configure_logging`` at DEBUG (JSO
 pytest's caplog at DEBUG (the raw, unredacted records). Host commands use known clear keys, their LMK and
 ZMK cryptograms, clear and encrypted PIN blocks and a PAN, on good and failing paths (bad parity, wrong
 PIN block format, unknown LMK, malformed data). Every log line, the /metrics page and the console's
-SHOW NODES / SHOW TENANTS replies are then scanned for each secret as upper hex, lower hex and raw bytes.
+SHOW NODES / SHOW TENANTS replies, and the audit trail the run wrote, are then scanned for each secret as
+upper hex, lower hex and raw bytes.
 (Node worker processes log in their own processes and are not scanned here.)
 """
 
@@ -22,6 +23,7 @@ import pytest
 
 from emulator.crypto.cipher import legacy_tdes
 from emulator.crypto.lmk import TEST_LMK, encrypt_key_under_lmk
+from hsmproxy.audit import AuditSettings
 from hsmproxy.config import load_settings
 from hsmproxy.logs import configure_logging, remove_logging
 from tests.integration.conftest import HsmClient
@@ -78,7 +80,7 @@ def _scan(haystack: bytes, secrets: dict[str, bytes | str]) -> list[str]:
 
 
 def test_no_secret_reaches_logs_metrics_or_console(
-    proxy_config: Path, caplog: pytest.LogCaptureFixture
+    proxy_config: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     stream = io.StringIO()
     root = logging.getLogger()
@@ -119,7 +121,11 @@ def test_no_secret_reaches_logs_metrics_or_console(
         b"NC",
         b"ZZ" + hb,  # unknown command carrying a PIN block
     ]
-    settings = replace(load_settings(proxy_config), console_bind=("127.0.0.1", 0), http_bind=("127.0.0.1", 0))
+    audit_path = tmp_path / "audit.jsonl"  # the audit trail is scanned too
+    settings = replace(
+        load_settings(proxy_config), console_bind=("127.0.0.1", 0), http_bind=("127.0.0.1", 0),
+        audit=AuditSettings(str(audit_path), checkpoint_every=5),
+    )  # fmt: skip
     try:
         rp = start_proxy(settings)
         try:
@@ -150,7 +156,10 @@ def test_no_secret_reaches_logs_metrics_or_console(
     raw_records = "\n".join(
         f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.__dict__}" for r in caplog.records
     )
+    audit_trail = audit_path.read_text("ascii")
+    assert audit_trail.count('"kind":"hostcmd"') == len(requests), "the audit trail misses commands"
     for where, text in (
+        ("audit trail", audit_trail),
         ("structlog output", structured),
         ("log records", raw_records),
         ("/metrics", metrics),

@@ -9,6 +9,8 @@ import itertools
 import json
 from pathlib import Path
 
+import pytest
+
 from hsmproxy.audit import (
     GENESIS,
     AuditSettings,
@@ -141,3 +143,202 @@ def test_forged_mac_with_other_key_detected(tmp_path: Path) -> None:
     _write(path, 3)
     report = verify_files([path], software_plain_mac(bytes(32)))
     assert {p.kind for p in report.problems} == {"edited"}
+
+
+def test_broken_link_detected(tmp_path: Path) -> None:
+    """A record re-MACed with the right key but a wrong ``prev``: only the link is wrong."""
+
+    def edit(lines: list[bytes]) -> bytes:
+        rec = json.loads(lines[5])
+        rec["prev"] = "ab" * 32
+        rec["mac"] = hmac.new(KEY, canonical({k: v for k, v in rec.items() if k != "mac"}), hashlib.sha256)
+        rec["mac"] = rec["mac"].hexdigest()
+        lines[5] = canonical(rec) + b"\n"
+        return b"".join(lines)
+
+    report = _tampered(tmp_path, edit)
+    # its own link, and the next record's link to its (new) MAC
+    assert [(p.kind, p.seq, p.line) for p in report.problems] == [("broken", 5, 6), ("broken", 6, 7)]
+
+
+def test_node_and_named_keys_in_hostcmd_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+
+    async def main() -> None:
+        w = AuditWriter(AuditSettings(str(path)), software_chain_mac(KEY))
+        await w.start()
+        keys = (("default/zpk-a@2", "1A2B3C"), ("default/zpk-b@1", "D4E5F6"))
+        w.observe(CommandRecord("host", "default", "10.0.0.1:1", "CC", "00", 0.002, b"0001", "node-b", keys))
+        w.observe(CommandRecord("host", "default", "10.0.0.1:1", "XX", "68", 0.0, b"0002"))
+        await w.stop()
+
+    asyncio.run(main())
+    host = [r for r in map(json.loads, _lines(path)) if r["kind"] == "hostcmd"]
+    assert host[0]["node"] == "node-b" and host[0]["key_ids"] == [
+        {"key": "default/zpk-a@2", "kcv": "1A2B3C"},
+        {"key": "default/zpk-b@1", "kcv": "D4E5F6"},
+    ]
+    assert host[1]["node"] is None and host[1]["key_ids"] == []
+    assert _verify(path).ok
+
+
+def test_records_dropped_while_no_node_answers_leave_a_gap_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    good = software_chain_mac(KEY)
+    up = False
+
+    async def flaky(prev: str, bodies: list[str]) -> list[str]:
+        if not up:
+            raise RuntimeError("no node")
+        return await good(prev, bodies)
+
+    async def main() -> AuditWriter:
+        nonlocal up
+        w = AuditWriter(AuditSettings(str(path), max_pending=3, fail_closed=True), flaky)
+        await w.start()
+        assert w.accepting
+        for i in range(5):
+            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
+        assert not w.accepting and w.dropped == 3  # open + 4 records did not fit in 3
+        up = True
+        await w.flush()
+        assert w.accepting
+        await w.stop()
+        return w
+
+    w = asyncio.run(main())
+    recs = [json.loads(line) for line in _lines(path)]
+    assert [r["kind"] for r in recs] == ["gap", "hostcmd", "hostcmd", "hostcmd", "close"]
+    assert recs[0]["lost"] == 3 and recs[0]["reason"] == "queue overflow" and w.dropped == 3
+    assert [r["correlation"] for r in recs[1:4]] == ["30303032", "30303033", "30303034"]
+    report = _verify(path)
+    assert report.ok and report.gaps == [(str(path), 1, 0, 3, "queue overflow")]
+
+
+def test_key_trail_records_each_lifecycle_step_once_across_restarts(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from hsmproxy.audit import KeyTrail
+    from hsmproxy.keys.store import KeyRecord, KeyState, KeyStore
+
+    path = tmp_path / "audit.jsonl"
+    store = KeyStore.open(f"sqlite:///{tmp_path / 'keys.db'}")
+    now = datetime.now(UTC)
+    store.create(
+        KeyRecord(
+            tenant="t1", name="zpk", version=1, key_type="ZPK", type_code="001", lmk_id="00",
+            cryptogram="U" + "AB" * 16, kcv="123456", state=KeyState.PRE_ACTIVE, activation_date=None,
+            expiry_date=None, grace_until=None, rotate_every=None, grace_period=None, created_at=now,
+            updated_at=now, created_by="",
+        ),
+        actor="alice", reason="generated",
+    )  # fmt: skip
+    named: dict[str, tuple[str, str]] = {}
+
+    async def run(step: KeyState | None) -> None:
+        trail = KeyTrail(store, named, interval=0.01)
+        w = AuditWriter(AuditSettings(str(path)), software_chain_mac(KEY), keys=trail)
+        await w.start()
+        if step is not None:
+            store.transition("t1", "zpk", 1, step, actor="bob", reason=f"to {step.value}")
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if trail.cursor == len(store.history_since(0)):
+                break
+        await w.stop()
+
+    try:
+        asyncio.run(run(KeyState.ACTIVE))
+        assert named == {"U" + "AB" * 16: ("t1/zpk@1", "123456")}
+        asyncio.run(run(None))  # a restart with nothing new: nothing repeated
+        store.transition("t1", "zpk", 1, KeyState.SUSPENDED, actor="carol")  # while no writer runs
+        asyncio.run(run(KeyState.REVOKED))
+    finally:
+        store.close()
+    recs = [json.loads(line) for line in _lines(path)]
+    keys = [r for r in recs if r["kind"] == "key"]
+    assert [(r["history_id"], r["action"], r["from_state"], r["to_state"], r["actor"]) for r in keys] == [
+        (1, "created", None, "pre-active", "alice"),
+        (2, "activated", "pre-active", "active", "bob"),
+        (3, "suspended", "active", "suspended", "carol"),
+        (4, "revoked", "suspended", "revoked", "bob"),
+    ]
+    assert all((r["tenant"], r["key"], r["version"], r["kcv"]) == ("t1", "zpk", 1, "123456") for r in keys)
+    assert recs[-1]["kind"] == "close" and recs[-1]["key_cursor"] == 4
+    assert _verify(path).ok
+
+
+def test_hsmproxy_check_validates_the_audit_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hsmproxy.cli import main
+    from hsmproxy.config import load_settings
+
+    base = '[[nodes]]\nname = "a"\npin_file = "pin"\n[[listeners]]\nbind = "127.0.0.1:0"\n'
+    config = tmp_path / "config.toml"
+    config.write_text(base + '[audit]\npath = "audit/a.jsonl"\nfail_closed = true\n'
+                      '[audit.syslog]\naddress = "127.0.0.1:6514"\nfacility = "local1"\n')  # fmt: skip
+    settings = load_settings(config)
+    assert settings.audit is not None and settings.audit.path == str(tmp_path / "audit" / "a.jsonl")
+    assert settings.audit.fail_closed and settings.audit.syslog is not None
+    assert settings.audit.syslog.facility == 17
+    assert main(["check", "--config", str(config)]) == 0
+    for section, message in [
+        ('[audit]\npath = "a"\nfsync = "sometimes"\n', "audit: fsync must be one of always, batch, never"),
+        ('[audit]\npath = "a"\nmax_bytes = "big"\n', "audit: invalid literal"),
+        ('[audit]\npath = "a"\nfail_closed = "yes"\n', "audit: fail_closed must be true or false"),
+        ('[audit]\npath = "a"\ncheckpoint_every = 0\n', "checkpoint_every >= 1"),
+        ('[audit]\npath = "a"\n[audit.syslog]\naddress = "x"\n', "audit.syslog: address must be HOST:PORT"),
+    ]:
+        config.write_text(base + section)
+        capsys.readouterr()
+        assert main(["check", "--config", str(config)]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_a_write_error_loses_the_batch_visibly_and_recovers(tmp_path: Path) -> None:
+    """Disk full on one write: the batch is lost, a partial line is cut, a ``gap`` record says so, the
+    fail-closed gate is shut until a write succeeds again, and the chain still verifies."""
+    import errno
+
+    path = tmp_path / "audit.jsonl"
+
+    class FullOnce:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.full = inner, False
+
+        def write(self, data: bytes) -> int:
+            if self.full:
+                self.full = False
+                self.inner.write(data[:10])  # type: ignore[attr-defined]
+                self.inner.flush()  # type: ignore[attr-defined]
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return int(self.inner.write(data))  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    async def main() -> AuditWriter:
+        w = AuditWriter(AuditSettings(str(path)), software_chain_mac(KEY))
+        await w.start()
+        w._file = wrapper = FullOnce(w._file)
+        wrapper.full = True
+        w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"0001"))
+        w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"0002"))
+        try:
+            await w.flush()
+        except OSError:
+            pass
+        assert w.failing and not w.accepting and w.dropped == 2
+        w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"0003"))
+        await w.flush()
+        assert not w.failing and w.accepting
+        await w.stop()
+        return w
+
+    asyncio.run(main())
+    recs = [json.loads(line) for line in _lines(path)]
+    assert [r["kind"] for r in recs] == ["open", "gap", "hostcmd", "close"]
+    assert recs[1]["lost"] == 2 and recs[1]["reason"] == f"write error {errno.ENOSPC}"
+    assert recs[2]["correlation"] == "30303033"
+    assert _verify(path).ok
