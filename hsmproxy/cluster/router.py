@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +50,9 @@ class RequestNote:
 #: The note of the request served in this context: set by the listener (while an observer is
 #: registered) around the dispatch, so the request's task carries it; None otherwise.
 REQUEST_NOTE: ContextVar[RequestNote | None] = ContextVar("hsmproxy_request_note", default=None)
+
+#: Affinity keys whose per-node rendezvous costs are memoised (the memo is emptied when full).
+RENDEZVOUS_CACHE = 65536
 
 #: Default spill threshold (kept for callers of the first router).
 AFFINITY_SPILL = 32
@@ -76,16 +79,27 @@ class Backend(Protocol):
         """True while the node's worker runs and accepts requests."""
         ...
 
-    def submit(self, op: str, args: dict[str, Any]) -> Awaitable[tuple[str, Any]]:
+    def submit(self, op: str, args: dict[str, Any]) -> asyncio.Future[tuple[str, Any]]:
         """Run an operation; resolves to (error code, values) or fails with NodeDown."""
         ...
 
 
-def _rendezvous(name: str, key: str, weight: float) -> float:
-    """Weighted rendezvous score of ``key`` on node ``name`` (highest wins)."""
+def _expire(fut: asyncio.Future[tuple[str, Any]]) -> None:
+    """Deadline of one attempt: cancel the node's future (its late answer is then dropped)."""
+    fut.cancel()
+
+
+def _rendezvous_cost(name: str, key: str) -> float:
+    """``-log(u)`` for the hash ``u`` of ``key`` on node ``name``: the weighted rendezvous score of
+    the pair is ``weight / cost`` (highest wins)."""
     digest = hashlib.blake2b(f"{name}\x00{key}".encode(), digest_size=8).digest()
     u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)
-    return weight / -math.log(u)
+    return -math.log(u)
+
+
+def _rendezvous(name: str, key: str, weight: float) -> float:
+    """Weighted rendezvous score of ``key`` on node ``name`` (highest wins)."""
+    return weight / _rendezvous_cost(name, key)
 
 
 class Router:
@@ -107,6 +121,7 @@ class Router:
         self.retries = 0
         #: ``[audit] fail_closed``: host-command operations run only while this returns True.
         self.gate: Callable[[], bool] | None = None
+        self._costs: dict[str, dict[str, float]] = {}
         weights = weights or {}
         self.states: dict[str, NodeState] = {}
         for n in self.nodes:
@@ -177,47 +192,111 @@ class Router:
         if len(candidates) == 1:
             return candidates[0]
         slowstart = self.settings.slowstart
-        weights = {n.name: self.states[n.name].effective_weight(now, slowstart) for n in candidates}
-        least = min(candidates, key=lambda n: (self.states[n.name].outstanding + 1) / weights[n.name])
-        if affinity:
-            preferred = max(candidates, key=lambda n: _rendezvous(n.name, affinity, weights[n.name]))
+        states = self.states
+        costs = self._rendezvous_costs(affinity) if affinity else None
+        least = preferred = candidates[0]
+        least_load = best = -1.0
+        for n in candidates:
+            st = states[n.name]
+            weight = st.effective_weight(now, slowstart)
+            load = (st.outstanding + 1) / weight
+            if least_load < 0 or load < least_load:
+                least, least_load = n, load
+            if costs is not None:
+                score = weight / costs[n.name]  # weighted rendezvous: highest wins
+                if score > best:
+                    preferred, best = n, score
+        if costs is not None:
             spill = self.settings.affinity_spill
-            if self.states[preferred.name].outstanding <= self.states[least.name].outstanding + spill:
+            if states[preferred.name].outstanding <= states[least.name].outstanding + spill:
                 return preferred
         return least
+
+    def _rendezvous_costs(self, key: str) -> dict[str, float]:
+        """``-log(u)`` of ``key`` on every node (score = weight / cost), memoised per key."""
+        costs = self._costs.get(key)
+        if costs is None:
+            if len(self._costs) >= RENDEZVOUS_CACHE:
+                self._costs.clear()
+            costs = self._costs[key] = {n.name: _rendezvous_cost(n.name, key) for n in self.nodes}
+        return costs
 
     # -- executing --------------------------------------------------------------------------------
 
     async def execute(self, op: str, args: dict[str, Any], affinity: str = "") -> tuple[str, Any]:
         """Run ``op`` on a node; retry once on another node if the first fails or times out."""
-        if self.gate is not None and REQUEST_NOTE.get() is not None and not self.gate():
-            raise AuditUnavailable("the audit trail cannot take records (fail_closed)")
-        node = self.pick(affinity)
-        try:
-            return await self._attempt(node, op, args)
-        except (NodeDown, TimeoutError):
-            self.retries += 1
-            other = self.pick(affinity, exclude=node)
-            return await self._attempt(other, op, args)
+        return await self.submit(op, args, affinity)
 
-    async def _attempt(self, node: Backend, op: str, args: dict[str, Any]) -> tuple[str, Any]:
+    def submit(self, op: str, args: dict[str, Any], affinity: str = "") -> asyncio.Future[tuple[str, Any]]:
+        """Like :meth:`execute`, as a future, without a task per request (the host-command path).
+
+        The attempt is driven by callbacks: the node's future, one timer for the deadline, and a
+        retry on another node from the callback. Fails with :class:`NoNodeAvailable` or
+        ``TimeoutError`` when no node could answer.
+        """
+        loop = asyncio.get_running_loop()
+        outer: asyncio.Future[tuple[str, Any]] = loop.create_future()
+        note = REQUEST_NOTE.get()  # a host command's audit note (read now: callbacks run elsewhere)
+        if note is not None and self.gate is not None and not self.gate():
+            outer.set_exception(AuditUnavailable("the audit trail cannot take records (fail_closed)"))
+            return outer
+        try:
+            node = self.pick(affinity)
+        except NoNodeAvailable as exc:
+            outer.set_exception(exc)
+            return outer
+        self._attempt(loop, outer, node, op, args, affinity, True, note)
+        return outer
+
+    def _attempt(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        outer: asyncio.Future[tuple[str, Any]],
+        node: Backend,
+        op: str,
+        args: dict[str, Any],
+        affinity: str,
+        first: bool,
+        note: RequestNote | None,
+    ) -> None:
         st = self.states[node.name]
         st.outstanding += 1
         st.requests += 1
-        try:
-            result = await asyncio.wait_for(node.submit(op, args), self.deadline)
-            note = REQUEST_NOTE.get()
-            if note is not None:
-                note.node = node.name
-            return result
-        except NodeDown:
-            self.report_failure(node, "transport or device error")
-            raise
-        except TimeoutError:
-            self.report_failure(node, f"no answer within {self.deadline:g}s")
-            raise
-        finally:
+        inner = node.submit(op, args)
+        timer = loop.call_later(self.deadline, _expire, inner)
+
+        def done(fut: asyncio.Future[tuple[str, Any]]) -> None:
             st.outstanding -= 1
+            timer.cancel()
+            if outer.done():  # the caller gave up (connection closed)
+                return
+            error: Exception
+            if fut.cancelled():
+                reason, error = f"no answer within {self.deadline:g}s", TimeoutError()
+            else:
+                exc = fut.exception()
+                if exc is None:
+                    if note is not None:
+                        note.node = node.name
+                    outer.set_result(fut.result())
+                    return
+                if not isinstance(exc, NodeDown):
+                    outer.set_exception(exc)
+                    return
+                reason, error = "transport or device error", exc
+            self.report_failure(node, reason)
+            if not first:
+                outer.set_exception(error)
+                return
+            self.retries += 1
+            try:
+                other = self.pick(affinity, exclude=node)
+            except NoNodeAvailable as exc:
+                outer.set_exception(exc)
+                return
+            self._attempt(loop, outer, other, op, args, affinity, False, note)
+
+        inner.add_done_callback(done)
 
     def report_failure(self, node: Backend, reason: str) -> None:
         """Passive outlier detection: a transport error, timeout or device error on ``node``."""

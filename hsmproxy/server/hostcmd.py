@@ -196,7 +196,7 @@ class Dispatcher:
                 error, body = "41", b""
         return build_response(header, code, error, body, trailer)
 
-    async def _remote(
+    def _remote(
         self,
         header: bytes,
         code: str,
@@ -205,16 +205,27 @@ class Dispatcher:
         affinity: str,
         request_values: Mapping[str, Any],
         trailer: bytes,
-    ) -> bytes:
-        try:
-            error, values = await self.router.execute(op, args, affinity)
-        except (NoNodeAvailable, TimeoutError) as exc:
-            log.warning("%s: no node could serve the request (%s)", code, type(exc).__name__)
-            return build_response(header, code, NO_NODE_ERROR, b"", trailer)
-        except Exception:
-            log.exception("%s: routing failed", code)
-            return build_response(header, code, NO_NODE_ERROR, b"", trailer)
-        return self._respond(header, code, error, values, request_values, trailer)
+    ) -> asyncio.Future[bytes]:
+        """The response, once a node answered: a future completed by callbacks (no task)."""
+        routed = self.router.submit(op, args, affinity)
+        out: asyncio.Future[bytes] = routed.get_loop().create_future()
+
+        def done(fut: asyncio.Future[tuple[str, Any]]) -> None:
+            if out.done():
+                return
+            exc = fut.exception() if not fut.cancelled() else TimeoutError()
+            if exc is None:
+                error, values = fut.result()
+                out.set_result(self._respond(header, code, error, values, request_values, trailer))
+                return
+            if isinstance(exc, NoNodeAvailable | TimeoutError):
+                log.warning("%s: no node could serve the request (%s)", code, type(exc).__name__)
+            else:
+                log.error("%s: routing failed", code, exc_info=exc)
+            out.set_result(build_response(header, code, NO_NODE_ERROR, b"", trailer))
+
+        routed.add_done_callback(done)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
