@@ -80,6 +80,10 @@ WORKER_STATS = (
 )
 
 
+#: Most memoised (tenant, command, error) label children.
+MAX_CHILDREN = 4096
+
+
 def outcome(error: str) -> str:
     """The ``outcome`` label of a response error code."""
     if error == "00":
@@ -105,6 +109,8 @@ class Metrics:
         self.refresh_interval = refresh_interval
         self.draining = False
         self._known = frozenset(commands)
+        #: (tenant, command, error) -> the label children it counts into (labels() is slow).
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.commands = Counter(
             "hsmproxy_commands",
             "Host commands answered, by tenant, command code and outcome.",
@@ -128,9 +134,18 @@ class Metrics:
 
     def observe(self, record: CommandRecord) -> None:
         """Count one answered host command (the Proxy's command observer)."""
-        command = record.command if record.command in self._known else "other"
-        self.commands.labels(record.tenant, command, outcome(record.error)).inc()
-        self.latency.labels(command).observe(record.latency)
+        key = (record.tenant, record.command, record.error)
+        children = self._children.get(key)
+        if children is None:
+            command = record.command if record.command in self._known else "other"
+            children = (
+                self.commands.labels(record.tenant, command, outcome(record.error)),
+                self.latency.labels(command),
+            )
+            if len(self._children) < MAX_CHILDREN:  # bounded: tenants x commands x codes in use
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(record.latency)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
