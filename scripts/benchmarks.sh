@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every BENCHMARKS.md row in one run, side by side: raw echo server, emulator and proxy, same client.
+# Usage: scripts/benchmarks.sh [SECONDS]   (needs `make var`; ports 1500, 1501, 1599 free)
+# The proxy runs on config.toml with max_connections raised for the idle-connection row.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${1:-8}
+HP=${HP:-.venv/bin/hsmproxy}
+TMP=$(mktemp -d)
+CONFIG=.bench-config.toml  # next to config.toml, so its relative paths hold
+sed 's/^max_connections = 1000/max_connections = 2000/' config.toml > "$CONFIG"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP" "$CONFIG"; }
+trap cleanup EXIT
+$HP bench --echo-server 127.0.0.1:1599 & pids+=($!)
+$HP --log-level WARNING emulator --listen 127.0.0.1:1501 & pids+=($!)
+$HP --log-level WARNING serve --config "$CONFIG" & PROXY=$!; pids+=($PROXY)
+for port in 1599 1501 1500; do
+  for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
+done
+sleep 2
+row() { echo "\$ hsmproxy bench $*"; $HP bench "$@"; }
+echo "## $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores, $(uname -r), commit $(git rev-parse --short HEAD)"
+for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 1 --duration "$D"; done
+for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 8 --duration "$D"; done
+for t in 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 4 --keys cold --duration "$D"; done
+row --target 127.0.0.1:1501 --command EW --connections 8 --depth 2 --duration 3
+row --target 127.0.0.1:1500 --command EW --connections 8 --depth 2 --duration "$D"
+row --target 127.0.0.1:1500 --command CC --rate 5000 --connections 8 --duration "$D"
+row --target 127.0.0.1:1500 --command CC --rate 10000 --connections 16 --duration "${OPEN_SECONDS:-60}"
+# resident memory of the front and its workers while 1,000 idle connections are open
+$HP bench --target 127.0.0.1:1500 --command CC --connections 8 --depth 1 --idle 1000 --duration "$D" > "$TMP/idle" &
+IDLE=$!
+sleep $((D / 2 + 3))
+workers=$(pgrep -P "$PROXY" | paste -sd, -)
+rss=$(ps -o rss= -p "$PROXY,$workers" | awk '{s += $1} END {printf "%.0f", s / 1024}')
+wait $IDLE
+echo "\$ hsmproxy bench --target 127.0.0.1:1500 --command CC --connections 8 --depth 1 --idle 1000 --duration $D"
+cat "$TMP/idle"
+echo "RSS front + workers with 1,000 idle connections (and 8 busy): ${rss} MB"
