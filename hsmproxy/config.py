@@ -157,6 +157,8 @@ def _cluster_settings(data: dict[str, Any]) -> ClusterSettings:
         raise ConfigError("cluster: need 0 <= base_ejection_time <= max_ejection_time, slowstart >= 0")
     if cs.affinity_spill < 0:
         raise ConfigError("cluster: affinity_spill must be >= 0")
+    if cs.max_outstanding < 1:
+        raise ConfigError("cluster: max_outstanding must be at least 1")
     return cs
 
 

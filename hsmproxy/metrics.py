@@ -15,6 +15,9 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
 
 * ``hsmproxy_connections{listener,tenant}``, ``hsmproxy_inflight_commands{listener,tenant}``;
 * ``hsmproxy_up`` (1 while at least one node takes requests), ``hsmproxy_draining``;
+* overload: ``hsmproxy_requests_shed_total`` (answered ``41`` at once because every eligible node
+  had ``max_outstanding`` requests), ``hsmproxy_retries_total``, ``hsmproxy_retries_refused_total``
+  (the retry budget), ``hsmproxy_slow_timeouts_total`` (timeouts on nodes answering other requests);
 * ``hsmproxy_node_state{node,state}`` (operational: UP / DOWN / EJECTED) and
   ``hsmproxy_node_admin_state{node,state}`` (READY / DRAIN / MAINT): HAProxy style, one series
   per possible state, 1 for the current one and 0 for the others;
@@ -210,6 +213,15 @@ class _LiveCollector(Collector):
         draining = GaugeMetricFamily("hsmproxy_draining", "1 once a graceful stop has started.")
         draining.add_metric([], 1.0 if m.draining else 0.0)
         yield draining
+        for attr, name, text in (
+            ("shed", "requests_shed", "Requests answered 41 at once: every eligible node was full."),
+            ("retries", "retries", "Requests retried on another node after a failure or timeout."),
+            ("retries_refused", "retries_refused", "Retries the retry budget refused."),
+            ("slow_timeouts", "slow_timeouts", "Timeouts on nodes answering other requests (no failure)."),
+        ):
+            family = CounterMetricFamily(f"hsmproxy_{name}", text)
+            family.add_metric([], float(getattr(router, attr, 0)) if router is not None else 0.0)
+            yield family
         if router is None:
             return
         now = router.clock()

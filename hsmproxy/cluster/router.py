@@ -62,6 +62,18 @@ class NoNodeAvailable(Exception):
     """No node is eligible to serve the request."""
 
 
+#: The failure reason of a timeout on a node that answered another request within the deadline.
+SLOW = "slow: no answer within the deadline while answering others"
+#: Retry budget: a retry per this many requests, at least RETRY_RESERVE a second, at most RETRY_BURST saved.
+RETRY_RATIO = 0.1
+RETRY_RESERVE = 10.0
+RETRY_BURST = 100.0
+
+
+class Overloaded(NoNodeAvailable):
+    """Every eligible node already has ``max_outstanding`` requests: the request is shed."""
+
+
 class AuditUnavailable(NoNodeAvailable):
     """``[audit] fail_closed``: the audit trail cannot take records, so host commands get no node."""
 
@@ -119,6 +131,17 @@ class Router:
         self.deadline = deadline
         self.settings = settings or ClusterSettings()
         self.retries = 0
+        #: Requests shed because every eligible node was at ``max_outstanding`` (overload).
+        self.shed = 0
+        #: Timeouts on nodes that were answering other requests (not counted as failures), and
+        #: retries the retry budget refused.
+        self.slow_timeouts = 0
+        self.retries_refused = 0
+        self._budget = RETRY_BURST
+        self._budget_at = clock()
+        self._budget_requests = 0
+        #: Monotonic time until which "last eligible node" warnings are not repeated, per node.
+        self._quiet_until: dict[str, float] = {}
         #: ``[audit] fail_closed``: host-command operations run only while this returns True.
         self.gate: Callable[[], bool] | None = None
         self._costs: dict[str, dict[str, float]] = {}
@@ -189,10 +212,16 @@ class Router:
         candidates = self.candidates(exclude, now)
         if not candidates:
             raise NoNodeAvailable("no node is up")
+        states = self.states
+        limit = self.settings.max_outstanding
+        if any(states[n.name].outstanding >= limit for n in candidates):
+            candidates = [n for n in candidates if states[n.name].outstanding < limit]
+            if not candidates:
+                self.shed += 1
+                raise Overloaded(f"every eligible node has {limit} requests outstanding")
         if len(candidates) == 1:
             return candidates[0]
         slowstart = self.settings.slowstart
-        states = self.states
         costs = self._rendezvous_costs(affinity) if affinity else None
         least = preferred = candidates[0]
         least_load = best = -1.0
@@ -273,9 +302,12 @@ class Router:
             error: Exception
             if fut.cancelled():
                 reason, error = f"no answer within {self.deadline:g}s", TimeoutError()
+                if st.last_answer and self.clock() - st.last_answer < self.deadline:
+                    reason = SLOW  # the node answers others: overloaded, not failed
             else:
                 exc = fut.exception()
                 if exc is None:
+                    st.last_answer = self.clock()
                     if note is not None:
                         note.node = node.name
                     outer.set_result(fut.result())
@@ -285,7 +317,8 @@ class Router:
                     return
                 reason, error = "transport or device error", exc
             self.report_failure(node, reason)
-            if not first:
+            # a dead node's requests are always retried (nothing lost); timeouts draw on the budget
+            if not first or (isinstance(error, TimeoutError) and not self._retry_allowed()):
                 outer.set_exception(error)
                 return
             self.retries += 1
@@ -298,6 +331,22 @@ class Router:
 
         inner.add_done_callback(done)
 
+    def _retry_allowed(self) -> bool:
+        """Retry budget for timeouts (as Finagle's): each routed request earns ``RETRY_RATIO`` of a
+        retry and each second ``RETRY_RESERVE`` more, up to ``RETRY_BURST`` saved; a retry spends one.
+        A slow node's requests are retried elsewhere; an overload is not multiplied by retries.
+        Requests of a node that died (``NodeDown``) are always retried."""
+        now = self.clock()
+        requests = sum(st.requests for st in self.states.values())
+        earned = (requests - self._budget_requests) * RETRY_RATIO + (now - self._budget_at) * RETRY_RESERVE
+        self._budget_requests, self._budget_at = requests, now
+        self._budget = min(RETRY_BURST, self._budget + max(earned, 0.0))
+        if self._budget < 1.0:
+            self.retries_refused += 1
+            return False
+        self._budget -= 1.0
+        return True
+
     def report_failure(self, node: Backend, reason: str) -> None:
         """Passive outlier detection: a transport error, timeout or device error on ``node``."""
         now = self.clock()
@@ -306,10 +355,17 @@ class Router:
         if not node.up:
             self.set_oper(node, OpState.DOWN, f"worker not running ({reason})")
             return
+        if reason == SLOW:
+            self.slow_timeouts += 1
+            return
         if st.oper is OpState.DOWN or st.ejected(now):
             return  # one incident, one ejection
         if not any(n is not node and self.eligible(n, now) for n in self.nodes):
-            log.warning("node %s failed (%s) but is the last eligible node: not ejected", node.name, reason)
+            if now >= self._quiet_until.get(node.name, 0.0):  # at most one line a second per node
+                self._quiet_until[node.name] = now + 1.0
+                log.warning(
+                    "node %s failed (%s) but is the last eligible node: not ejected", node.name, reason
+                )
             return
         span = st.eject(now, self.settings, reason)
         log.warning("node %s ejected for %gs: %s", node.name, span, reason)

@@ -69,6 +69,9 @@ class ClusterSettings:
     max_ejection_time: float = 300.0
     slowstart: float = 0.0
     affinity_spill: int = 32
+    #: Requests a node may have outstanding; beyond it on every eligible node a request is shed
+    #: at once (answered ``41``) instead of queueing behind work that would miss its deadline.
+    max_outstanding: int = 256
 
 
 @dataclass(slots=True)
@@ -97,6 +100,9 @@ class NodeState:
     #: failed active health checks.
     errors_total: int = 0
     check_failures_total: int = 0
+    #: ``clock()`` of the node's last answer to a routed request (0: none yet). A node that answers
+    #: is slow under load, not dead: its timeouts do not eject it, its check timeouts do not fail.
+    last_answer: float = 0.0
     history: deque[StateChange] = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))
 
     def _record(self, what: str, old: str, new: str, reason: str) -> None:

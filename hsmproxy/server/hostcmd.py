@@ -94,6 +94,27 @@ def _named_keys(
     return tuple(out)
 
 
+class LogThrottle:
+    """At most one log line per ``interval`` seconds; counts the lines it held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None to stay quiet; else the number of lines held back since the last one."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self.interval
+        return held
+
+
+_NO_NODE_LOG = LogThrottle()
+
+
 def _trailer_of(body: bytes) -> bytes:
     i = body.find(b"\x19")
     return body[i:] if i >= 0 else b""
@@ -219,7 +240,12 @@ class Dispatcher:
                 out.set_result(self._respond(header, code, error, values, request_values, trailer))
                 return
             if isinstance(exc, NoNodeAvailable | TimeoutError):
-                log.warning("%s: no node could serve the request (%s)", code, type(exc).__name__)
+                skipped = _NO_NODE_LOG.due()
+                if skipped is not None:  # under overload this would be thousands of lines a second
+                    log.warning(
+                        "%s: no node could serve the request (%s)%s", code, type(exc).__name__,
+                        f"; {skipped} more such answers since the last line" if skipped else "",
+                    )  # fmt: skip
             else:
                 log.error("%s: routing failed", code, exc_info=exc)
             out.set_result(build_response(header, code, NO_NODE_ERROR, b"", trailer))

@@ -141,6 +141,8 @@ def test_metrics_catalogue(metrics_proxy: RunningProxy) -> None:
     assert all(s.value >= 0 for s in conns.samples) and conns.samples
     assert "hsmproxy_inflight_commands" in fams
     assert _value(fams["hsmproxy_up"]) == 1 and _value(fams["hsmproxy_draining"]) == 0
+    for name in ("requests_shed", "retries_refused", "slow_timeouts"):
+        assert _value(fams[f"hsmproxy_{name}"], "_total") == 0, name
 
     state = fams["hsmproxy_node_state"]
     admin = fams["hsmproxy_node_admin_state"]
