@@ -36,6 +36,7 @@ var: deps softhsm
 	done
 	@[ "$$(cat var/.lmk-loaded 2>/dev/null)" = "$(LMK_LAYOUT)" ] || { \
 	  $(BIN)/hsmproxy lmk load --all --test --config config.toml && echo "$(LMK_LAYOUT)" > var/.lmk-loaded; }
+	@$(BIN)/python -m hsmproxy.iso8583.bench install-keys --config config.toml >/dev/null  # dev ISO route's keys
 
 ## test: lint, type-check and run the whole test suite
 test: deps softhsm lint typecheck unit
@@ -63,15 +64,10 @@ softhsm:
 	@command -v softhsm2-util >/dev/null 2>&1 || { \
 	  echo "installing SoftHSM2"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq softhsm2; }
 
-## bench: raw echo server, emulator and proxy measured side by side by the same client (BENCHMARKS.md)
-BENCH_ARGS ?= --command CC --connections 8 --depth 1 --duration 10
+## bench: every BENCHMARKS.md row, echo / emulator / proxy side by side (scripts/benchmarks.sh)
+BENCH_SECONDS ?= 8
 bench: deps softhsm var
-	@set -e; trap 'kill $$(jobs -p) 2>/dev/null || true' EXIT; \
-	$(BIN)/hsmproxy bench --echo-server 127.0.0.1:1599 & \
-	$(BIN)/hsmproxy --log-level WARNING emulator --listen 127.0.0.1:1501 & \
-	$(BIN)/hsmproxy --log-level WARNING serve --config config.toml & \
-	sleep 6; \
-	for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do $(BIN)/hsmproxy bench --target $$t $(BENCH_ARGS); done
+	scripts/benchmarks.sh $(BENCH_SECONDS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every BENCHMARKS.md row in one run, side by side: raw echo server, emulator and proxy, same client.
-# Usage: scripts/benchmarks.sh [SECONDS]   (needs `make var`; ports 1500, 1501, 1599 free)
+# Usage: scripts/benchmarks.sh [SECONDS]   (needs `make var`; ports 1500, 1501, 1599, 8583, 9100, 9998 free)
 # The proxy runs on config.toml with max_connections raised for the idle-connection row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ trap cleanup EXIT
 $HP bench --echo-server 127.0.0.1:1599 & pids+=($!)
 $HP --log-level WARNING emulator --listen 127.0.0.1:1501 & pids+=($!)
 $HP --log-level WARNING serve --config "$CONFIG" & PROXY=$!; pids+=($PROXY)
-for port in 1599 1501 1500; do
+for port in 1599 1501 1500 8583; do
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
 done
 sleep 2
@@ -26,6 +26,8 @@ for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --comm
 for t in 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 4 --keys cold --duration "$D"; done
 row --target 127.0.0.1:1501 --command EW --connections 8 --depth 2 --duration 3
 row --target 127.0.0.1:1500 --command EW --connections 8 --depth 2 --duration "$D"
+row --target 127.0.0.1:8583 --command iso --connections 8 --depth 1 --duration "$D"
+row --target 127.0.0.1:8583 --command iso --connections 8 --depth 8 --duration "$D"
 row --target 127.0.0.1:1500 --command CC --rate 5000 --connections 8 --duration "$D"
 row --target 127.0.0.1:1500 --command CC --rate 10000 --connections 16 --duration "${OPEN_SECONDS:-60}"
 # resident memory of the front and its workers while 1,000 idle connections are open

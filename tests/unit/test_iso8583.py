@@ -176,8 +176,17 @@ def test_repo_config_iso_example_loads() -> None:
     lines = [line for line in lines if not line.startswith(("--", "Create", "# "))]
     settings = parse_settings(tomllib.loads(text + "\n" + "\n".join(lines)), path.parent)
     assert settings.iso8583 is not None
-    (lc,) = settings.iso8583.listeners
-    (route,) = settings.iso8583.routes_for(lc)
+    live, lc = settings.iso8583.listeners  # the dev listener, then the example
+    assert (live.host, live.port, lc.port) == ("127.0.0.1", 8583, 8584)
+    routes = {r.name: r for r in settings.iso8583.routes_for(lc)}
+    route = routes["acquirer-a"]
     assert (lc.name, lc.mode, route.name, route.zmk, route.mac_in_algorithm) == (
         "iso-acq", "service", "acquirer-a", "zmk-acq", "3",
     )  # fmt: skip
+    dev = {r.name: r for r in settings.iso8583.routes_for(live)}["dev"]
+    assert (live.name, live.mode, dev.pin_in, dev.mac_out) == (
+        "iso",
+        "service",
+        "bench-zpk-in",
+        "bench-zak-out",
+    )
