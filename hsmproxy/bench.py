@@ -18,6 +18,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,12 +172,10 @@ async def run_bench(
         f"{host}:{port}", command, "open" if rate else "closed", connections, depth, rate, duration
     )
     latencies: list[float] = []
-    measuring = False
-    stop_at = 0.0
+    state = LoadState()
     conns: list[_Conn] = []
     pending: list[dict[int, float]] = [{} for _ in range(connections)]
     counters = [0] * connections
-    idx = [0]
 
     def send(ci: int, intended: float | None = None) -> None:
         conn = conns[ci]
@@ -185,20 +184,19 @@ async def run_bench(
         counters[ci] += 1
         seq = counters[ci] % (10**header_length)
         header = str(seq).zfill(header_length).encode()[-header_length:] if header_length else b""
-        body = requests[idx[0] % len(requests)]
-        idx[0] += 1
+        body = requests[state.next % len(requests)]
+        state.next += 1
         pending[ci][seq] = intended if intended is not None else time.perf_counter()
         conn.transport.write(encode_frame(header + body))
-        if measuring:
+        if state.measuring:
             result.sent += 1
 
     def make_handler(ci: int) -> Any:
         def on_response(frame: bytes) -> None:
-            nonlocal measuring
             now = time.perf_counter()
             seq = int(frame[:header_length]) if header_length else 0
             started = pending[ci].pop(seq, None)
-            if measuring and started is not None:
+            if state.measuring and started is not None:
                 if frame[header_length : header_length + 2] == expect and frame[
                     header_length + 2 : header_length + 4
                 ] in (
@@ -211,7 +209,7 @@ async def run_bench(
                     result.errors += 1
                     code = frame[header_length + 2 : header_length + 4].decode("latin-1")
                     result.error_codes[code] = result.error_codes.get(code, 0) + 1
-            if not rate and now < stop_at:
+            if not rate and now < state.stop_at:
                 send(ci)
 
         return on_response
@@ -226,18 +224,41 @@ async def run_bench(
 
         _, proto = await loop.create_connection(factory, host, port)
         conns.append(proto)
+    duration = await drive(send, state, latencies, connections, depth, rate, duration, warmup)
+    for c in (*conns, *idle_conns):
+        if c.transport is not None:
+            c.transport.close()
+    return finish(result, latencies, duration)
+
+
+@dataclass
+class LoadState:
+    """What a run's callbacks share: whether answers are measured, when sending stops, next request."""
+
+    measuring: bool = False
+    stop_at: float = 0.0
+    next: int = 0
+
+
+async def drive(
+    send: Callable[[int, float | None], None],
+    state: LoadState,
+    latencies: list[float],
+    connections: int,
+    depth: int,
+    rate: float,
+    duration: float,
+    warmup: float,
+) -> float:
+    """Send on the schedule: closed loop (``depth`` per connection, each answer sends the next) or
+    open loop (``rate`` a second, ``send(ci, intended)``); the measured seconds once it is over."""
     start = time.perf_counter()
-    stop_at = start + warmup + duration
+    state.stop_at = start + warmup + duration
     if rate:
-        interval = 1.0 / rate
-        next_t = start
-        n = 0
-        while True:
-            now = time.perf_counter()
-            if now >= stop_at:
-                break
-            if not measuring and now >= start + warmup:
-                measuring = True
+        interval, next_t, n = 1.0 / rate, start, 0
+        while (now := time.perf_counter()) < state.stop_at:
+            if not state.measuring and now >= start + warmup:
+                state.measuring = True
                 latencies.clear()
             while next_t <= now:
                 send(n % connections, next_t)
@@ -247,18 +268,20 @@ async def run_bench(
     else:
         for ci in range(connections):
             for _ in range(depth):
-                send(ci)
+                send(ci, None)
         await asyncio.sleep(warmup)
-        measuring = True
+        state.measuring = True
         latencies.clear()
         t0 = time.perf_counter()
         await asyncio.sleep(duration)
         duration = time.perf_counter() - t0
-    measuring = False
-    await asyncio.sleep(0.2)
-    for c in (*conns, *idle_conns):
-        if c.transport is not None:
-            c.transport.close()
+    state.measuring = False
+    await asyncio.sleep(0.2)  # the last answers in flight
+    return duration
+
+
+def finish(result: BenchResult, latencies: list[float], duration: float) -> BenchResult:
+    """``result`` with its rate and latency percentiles filled in."""
     latencies.sort()
     result.duration = round(duration, 3)
     result.tps = round(result.ok / duration, 1) if duration else 0.0

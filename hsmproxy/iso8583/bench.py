@@ -26,7 +26,6 @@ import asyncio
 import random
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +33,7 @@ import iso8583
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-from hsmproxy.bench import BenchResult, _percentile
+from hsmproxy.bench import BenchResult, LoadState, drive, finish
 from hsmproxy.iso8583.codec import load_spec
 from protocols.framing import Framer, encode_frame
 
@@ -122,13 +121,6 @@ def build_requests(count: int, seed: int = 1) -> list[tuple[str, bytes]]:
     return out
 
 
-@dataclass
-class _State:
-    measuring: bool = False
-    stop_at: float = 0.0
-    next: int = 0
-
-
 class _Conn(asyncio.Protocol):
     def __init__(self, on_response: Any) -> None:
         self.framer = Framer(9999)
@@ -160,7 +152,7 @@ async def run_iso_bench(
         f"{host}:{port}", "iso", "open" if rate else "closed", connections, depth, rate, duration
     )
     latencies: list[float] = []
-    state = _State()
+    state = LoadState()
     conns: list[_Conn] = []
     pending: list[dict[str, float]] = [{} for _ in range(connections)]
 
@@ -204,42 +196,11 @@ async def run_iso_bench(
 
         _, proto = await loop.create_connection(factory, host, port)
         conns.append(proto)
-    start = time.perf_counter()
-    state.stop_at = start + warmup + duration
-    if rate:
-        interval, next_t, n = 1.0 / rate, start, 0
-        while (now := time.perf_counter()) < state.stop_at:
-            if not state.measuring and now >= start + warmup:
-                state.measuring = True
-                latencies.clear()
-            while next_t <= now:
-                send(n % connections, next_t)
-                n += 1
-                next_t += interval
-            await asyncio.sleep(max(0.0, min(next_t - time.perf_counter(), 0.001)))
-    else:
-        for ci in range(connections):
-            for _ in range(depth):
-                send(ci)
-        await asyncio.sleep(warmup)
-        state.measuring = True
-        latencies.clear()
-        t0 = time.perf_counter()
-        await asyncio.sleep(duration)
-        duration = time.perf_counter() - t0
-    state.measuring = False
-    await asyncio.sleep(0.2)
+    duration = await drive(send, state, latencies, connections, depth, rate, duration, warmup)
     for c in conns:
         if c.transport is not None:
             c.transport.close()
-    latencies.sort()
-    result.duration = round(duration, 3)
-    result.tps = round(result.ok / duration, 1) if duration else 0.0
-    result.p50_ms = round(1000 * _percentile(latencies, 0.50), 3)
-    result.p99_ms = round(1000 * _percentile(latencies, 0.99), 3)
-    result.p999_ms = round(1000 * _percentile(latencies, 0.999), 3)
-    result.max_ms = round(1000 * (latencies[-1] if latencies else 0.0), 3)
-    return result
+    return finish(result, latencies, duration)
 
 
 def main(argv: list[str] | None = None) -> int:

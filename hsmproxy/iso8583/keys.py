@@ -12,13 +12,13 @@ is read in a thread so the event loop never waits on the database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from hsmproxy.keys.store import KeyRecord, KeyState, KeyStore
+from hsmproxy.periodic import Refresher
 
 log = logging.getLogger("hsmproxy.iso8583")
 
@@ -52,8 +52,12 @@ class NamedKeys:
         self.interval = refresh_interval
         self.clock = clock
         self._keys: dict[tuple[str, str], KeyVersions] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._refresher = Refresher(
+            self.refresh,
+            refresh_interval,
+            "iso8583-keys",
+            "named key refresh failed (keeping the previous keys)",
+        )
 
     def get(self, tenant: str, name: str) -> KeyVersions | None:
         """The usable versions of ``tenant/name`` (None: unknown, or no active version)."""
@@ -84,28 +88,14 @@ class NamedKeys:
 
     def notify(self) -> None:
         """Ask the background task to reload soon."""
-        self._wake.set()
+        self._refresher.notify()
 
     async def start(self) -> None:
         """Load once, then keep reloading in the background."""
         await self.refresh()
         if self.store is not None:
-            self._task = asyncio.create_task(self._loop(), name="iso8583-keys")
-
-    async def _loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            self._wake.clear()
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("iso8583: named key refresh failed (keeping the previous keys)")
+            self._refresher.start()
 
     async def stop(self) -> None:
         """Stop the background reload."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._refresher.stop()

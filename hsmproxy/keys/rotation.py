@@ -44,6 +44,7 @@ from hsmproxy.cluster.router import NoNodeAvailable, Router
 from hsmproxy.config import KeystoreSettings
 from hsmproxy.keys.events import EventDelivery
 from hsmproxy.keys.store import KeyExists, KeyRecord, KeyState, KeyStore
+from hsmproxy.periodic import Refresher
 
 log = logging.getLogger("hsmproxy.keys")
 
@@ -375,8 +376,9 @@ class KeySync:
         #: Cached handles the nodes reported destroyed (all refreshes).
         self.dropped = 0
         self.broadcasts = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._refresher = Refresher(
+            self.refresh, interval, "key-sync", "refused-key refresh failed (keeping the previous set)"
+        )
 
     async def refresh(self) -> set[str]:
         """Reload the refused digests; broadcast ``forget_keys`` for new ones; returns the new ones."""
@@ -408,29 +410,15 @@ class KeySync:
 
     def notify(self) -> None:
         """Refresh now (a state changed in this process)."""
-        self._wake.set()
+        self._refresher.notify()
 
     def start(self) -> None:
         """Refresh every ``interval`` seconds (and on :meth:`notify`) in the background."""
-        self._task = asyncio.create_task(self._loop(), name="key-sync")
-
-    async def _loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            self._wake.clear()
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("refused-key refresh failed (keeping the previous set)")
+        self._refresher.start()
 
     async def stop(self) -> None:
         """Stop refreshing."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._refresher.stop()
 
 
 class KeyLifecycle:
