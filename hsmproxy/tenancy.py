@@ -458,6 +458,24 @@ def certificate_identity(
     return subject, sans
 
 
+#: Short names of subject attributes, as in RFC 4514 strings.
+_RDN_NAMES = {
+    "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+    "localityName": "L", "stateOrProvinceName": "ST", "serialNumber": "serialNumber",
+}  # fmt: skip
+
+
+def certificate_subject(peercert: Mapping[str, Any] | None) -> str:
+    """The client certificate's subject as ``CN=switch01,O=Bank B`` (in certificate order; "" if none)."""
+    parts = []
+    for rdn in (peercert or {}).get("subject", ()):
+        for attr, value in rdn:
+            name = _RDN_NAMES.get(str(attr), str(attr))
+            text = str(value).replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+            parts.append(f"{name}={text}")
+    return ",".join(parts)
+
+
 def describe_certificate(peercert: Mapping[str, Any] | None) -> str:
     """A short, loggable description of a client certificate (subject CN, no secrets in certificates)."""
     if not peercert:

@@ -21,7 +21,7 @@ from hsmproxy.metrics import CONTENT_TYPE, Metrics
 from hsmproxy.server.console import AdminConsole
 from hsmproxy.server.hostcmd import CommandObserver, CommandRecord, Dispatcher, HostCommandProtocol
 from hsmproxy.server.readiness import ReadinessServer
-from hsmproxy.tenancy import TenantRegistry, describe_certificate
+from hsmproxy.tenancy import TenantRegistry, certificate_subject, describe_certificate
 
 log = logging.getLogger("hsmproxy")
 
@@ -236,6 +236,11 @@ class Proxy:
             return None
         proto.release = state.release_connection
         proto.listener = lc.name
+        subject = certificate_subject(peercert) if lc.tls is not None else ""
+        if subject:  # the audit's client identity: certificate subject and address
+            proto.client = (
+                f"{subject} {proto.peer[0]}:{proto.peer[1]}" if isinstance(proto.peer, tuple) else subject
+            )
         self._next_conn_id += 1
         proto.conn_id = self._next_conn_id
         if self.observers:

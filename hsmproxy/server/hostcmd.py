@@ -309,6 +309,9 @@ class HostCommandProtocol(asyncio.Protocol):
         #: Called once per answered command, in order (the one choke point for metrics and audit).
         self.observer: CommandObserver | None = None
         self.listener = ""
+        #: Who the client is, for audit records: ``"<certificate subject> <address>"`` on mutual TLS;
+        #: "" means the peer address.
+        self.client = ""
         self._meta: deque[tuple[float, str, RequestNote]] = deque()
         #: For the admin console (SHOW CLIENTS, KILL CLIENT): id, accepted at (epoch s), requests read.
         self.conn_id = 0
@@ -454,7 +457,9 @@ class HostCommandProtocol(asyncio.Protocol):
             return
         hl = dispatcher.header_length
         tenant = dispatcher.tenant.name if dispatcher.tenant is not None else dispatcher.context.tenant
-        peer = f"{self.peer[0]}:{self.peer[1]}" if isinstance(self.peer, tuple) else str(self.peer)
+        peer = self.client or (
+            f"{self.peer[0]}:{self.peer[1]}" if isinstance(self.peer, tuple) else str(self.peer)
+        )
         now = time.perf_counter()
         for response in answered:
             if not self._meta:

@@ -116,3 +116,23 @@ def test_tls_connections_are_counted_per_tenant_and_released(env: TenancyProxy) 
     finally:
         for c in clients:
             c.close()
+
+
+def test_audit_records_name_the_client_certificate(env: TenancyProxy) -> None:
+    """The command observer (audit's choke point) identifies a mutual-TLS client by its subject."""
+    from hsmproxy.server.hostcmd import CommandRecord
+
+    seen: list[CommandRecord] = []
+    env.proxy.observers.append(seen.append)  # observers are read when a connection is admitted
+    try:
+        a = tls_client(env.ports["tls"], client_context(env.pki, "a", "1.3"))
+        try:
+            assert a.call(b"NC") == A_NC
+        finally:
+            a.close()
+    finally:
+        env.proxy.observers.remove(seen.append)
+    (record,) = [r for r in seen if r.command == "NC"]
+    subject, _, address = record.peer.rpartition(" ")
+    assert subject == "CN=switch-a,O=Bank A" and address.startswith("127.0.0.1:")
+
