@@ -32,6 +32,9 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
   these restart from 0 with the worker, which Prometheus' ``rate()`` treats as a counter reset;
 * with a ``[keystore]`` (refreshed by the same task): ``hsmproxy_keys{state}``,
   ``hsmproxy_keys_pending_rotation``, ``hsmproxy_keys_expiring{within="7d"|"30d"}``;
+* with ISO 8583 listeners: ``hsmproxy_iso8583_messages_total{listener,tenant,result}`` (result =
+  field 39 of the answer, ``00`` translated), ``hsmproxy_iso8583_connections{listener}``,
+  ``hsmproxy_iso8583_upstream_up{listener}`` (inline mode);
 * with an ``[audit]`` trail: ``hsmproxy_audit_records_written_total``,
   ``hsmproxy_audit_records_dropped_total`` (a gap in the trail), ``hsmproxy_audit_pending``,
   ``hsmproxy_audit_failing`` (1 while the file cannot be written) and, with ``[audit.syslog]``,
@@ -48,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -82,6 +86,9 @@ WORKER_STATS = (
     ("native_unwraps", "native_unwraps", "Keys unwrapped natively by the token."),
 )
 
+
+#: An ISO 8583 response code as a label value (two letters or digits).
+_RESPONSE_CODE = re.compile(r"[0-9A-Z]{2}")
 
 #: Most memoised (tenant, command, error) label children.
 MAX_CHILDREN = 4096
@@ -279,6 +286,41 @@ class _LiveCollector(Collector):
         yield from (oper, admin, outstanding, *counters.values(), restarts, info, *stats.values())
         yield from self._inventory(m.inventory)
         yield from self._audit(getattr(m.proxy, "audit", None))
+        yield from self._iso(getattr(m.proxy, "iso", None))
+
+    @staticmethod
+    def _iso(iso: Any) -> Iterable[Metric]:
+        """ISO 8583 listeners' counters, read at scrape time (nothing without an ISO listener)."""
+        if iso is None:
+            return
+        messages = CounterMetricFamily(
+            "hsmproxy_iso8583_messages",
+            "ISO 8583 messages answered, by listener, tenant and field 39 of the answer (00: translated).",
+            labels=["listener", "tenant", "result"],
+        )
+        conns = GaugeMetricFamily(
+            "hsmproxy_iso8583_connections", "Open ISO 8583 connections.", labels=["listener"]
+        )
+        upstream = GaugeMetricFamily(
+            "hsmproxy_iso8583_upstream_up",
+            "1 while an inline listener is connected upstream.",
+            labels=["listener"],
+        )
+        for name, listener in iso.listeners.items():
+            tenant, stats = listener.config.tenant, listener.stats
+            messages.add_metric([name, tenant, "00"], float(stats.translated))
+            other = 0
+            for code, count in stats.errors.items():
+                if _RESPONSE_CODE.fullmatch(code):
+                    messages.add_metric([name, tenant, code], float(count))
+                else:  # whatever an upstream put in field 39 must not explode the label set
+                    other += count
+            if other:
+                messages.add_metric([name, tenant, "other"], float(other))
+            conns.add_metric([name], float(len(listener.connections)))
+            if listener.upstream is not None:
+                upstream.add_metric([name], 1.0 if listener.upstream.connected.is_set() else 0.0)
+        yield from (messages, conns, upstream)
 
     @staticmethod
     def _audit(audit: Any) -> Iterable[Metric]:

@@ -263,3 +263,22 @@ def test_audit_families() -> None:
         "hsmproxy_audit_syslog_dropped": ("counter", 2.0),
         "hsmproxy_audit_syslog_connects": ("counter", 3.0),
     }
+
+
+def test_iso8583_families() -> None:
+    from types import SimpleNamespace
+
+    from hsmproxy.metrics import _LiveCollector
+
+    assert list(_LiveCollector._iso(None)) == []
+    stats = SimpleNamespace(translated=7, errors={"63": 2, "91": 1, "\x00?": 4})
+    upstream = SimpleNamespace(connected=asyncio.Event())
+    listener = SimpleNamespace(
+        config=SimpleNamespace(tenant="default"), stats=stats, connections={1, 2}, upstream=upstream
+    )
+    fams = {f.name: f for f in _LiveCollector._iso(SimpleNamespace(listeners={"iso": listener}))}
+    results = {s.labels["result"]: s.value for s in fams["hsmproxy_iso8583_messages"].samples}
+    assert results == {"00": 7.0, "63": 2.0, "91": 1.0, "other": 4.0}
+    assert fams["hsmproxy_iso8583_messages"].type == "counter"
+    assert fams["hsmproxy_iso8583_connections"].samples[0].value == 2.0
+    assert fams["hsmproxy_iso8583_upstream_up"].samples[0].value == 0.0
