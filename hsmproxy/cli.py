@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config error: {args.config}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         print(
-            f"{args.config}: ok ({len(settings.listeners)} listeners, {len(settings.nodes)} nodes, "
+            f"{args.config}: ok ({len(settings.listeners)} host-command and "
+            f"{len(settings.iso8583.listeners) if settings.iso8583 is not None else 0} ISO 8583 listeners, "
+            f"{len(settings.nodes)} nodes, "
             f"{len(settings.tenants)} tenants, {len(settings.console_users)} console users)"
         )
         return 0
