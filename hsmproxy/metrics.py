@@ -33,7 +33,8 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
 * with a ``[keystore]`` (refreshed by the same task): ``hsmproxy_keys{state}``,
   ``hsmproxy_keys_pending_rotation``, ``hsmproxy_keys_expiring{within="7d"|"30d"}``;
 * with ISO 8583 listeners: ``hsmproxy_iso8583_messages_total{listener,tenant,result}`` (result =
-  field 39 of the answer, ``00`` translated), ``hsmproxy_iso8583_connections{listener}``,
+  field 39 of the answer, ``00`` translated), ``hsmproxy_iso8583_latency_seconds{listener}``
+  (histogram), ``hsmproxy_iso8583_connections{listener}``,
   ``hsmproxy_iso8583_upstream_up{listener}`` (inline mode);
 * with an ``[audit]`` trail: ``hsmproxy_audit_records_written_total``,
   ``hsmproxy_audit_records_dropped_total`` (a gap in the trail), ``hsmproxy_audit_pending``,
@@ -134,6 +135,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.iso_latency = Histogram(
+            "hsmproxy_iso8583_latency_seconds",
+            "Seconds from an ISO 8583 message's arrival to its answer.",
+            ("listener",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._iso_children: dict[str, Any] = {}
         #: Last worker counters per node, and key inventory (None: no keystore or not read yet).
         self.worker_stats: dict[str, dict[str, int]] = {}
         self.inventory: dict[str, Any] | None = None
@@ -156,6 +165,13 @@ class Metrics:
                 self._children[key] = children
         children[0].inc()
         children[1].observe(record.latency)
+
+    def observe_iso(self, listener: str, seconds: float) -> None:
+        """One answered ISO 8583 message on ``listener`` (a configured name)."""
+        child = self._iso_children.get(listener)
+        if child is None:
+            child = self._iso_children[listener] = self.iso_latency.labels(listener)
+        child.observe(seconds)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -302,7 +302,10 @@ class IsoListener:
         exchange: KeyExchange,
         audit: Any,
         tenant_state: Callable[[], TenantState | None] = lambda: None,
+        latency: Callable[[str, float], None] | None = None,
     ) -> None:
+        #: Called with (listener, seconds) once per answered message (the metrics histogram).
+        self.latency = latency
         #: The listener tenant's live state (connection limit, rate), looked up per use (reloads).
         self.tenant_state = tenant_state
         self.config = config
@@ -390,6 +393,9 @@ class IsoListener:
         return back, fields, response.fields.get("39", OK)
 
     def _record(self, fields: dict[str, str], conn: IsoConnection, code: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        if self.latency is not None:
+            self.latency(self.config.name, seconds)
         audit = self._audit() if callable(self._audit) else self._audit
         if audit is None:
             return
@@ -397,7 +403,7 @@ class IsoListener:
             audit.event(
                 "iso8583", tenant=self.config.tenant, client=conn.peer, listener=self.config.name,
                 mti=fields.get("t", ""), stan=fields.get("11", ""), rrn=fields.get("37", ""), result=code,
-                latency_ms=round(1000 * (time.perf_counter() - started), 3),
+                latency_ms=round(1000 * seconds, 3),
             )  # fmt: skip
         except Exception:
             log.exception("iso8583 audit record failed")
@@ -439,6 +445,11 @@ class IsoGateway:
 
         return state
 
+    def _observe_latency(self, listener: str, seconds: float) -> None:
+        metrics = getattr(self.proxy, "metrics", None)
+        if metrics is not None:
+            metrics.observe_iso(listener, seconds)
+
     def _key_changed(self) -> None:
         lifecycle = self.proxy.lifecycle
         if lifecycle is not None:
@@ -464,6 +475,7 @@ class IsoGateway:
                 self.exchange,
                 lambda: getattr(self.proxy, "audit", None),
                 self._tenant(lc.tenant),
+                self._observe_latency,
             )
             self.listeners[lc.name] = listener
             await listener.start()

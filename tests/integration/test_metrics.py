@@ -282,3 +282,18 @@ def test_iso8583_families() -> None:
     assert fams["hsmproxy_iso8583_messages"].type == "counter"
     assert fams["hsmproxy_iso8583_connections"].samples[0].value == 2.0
     assert fams["hsmproxy_iso8583_upstream_up"].samples[0].value == 0.0
+
+
+def test_iso8583_latency_histogram() -> None:
+    from types import SimpleNamespace
+
+    from hsmproxy.metrics import Metrics
+
+    metrics = Metrics(SimpleNamespace(), ["CC"])  # type: ignore[arg-type]  # no proxy needed
+    for seconds in (0.0004, 0.003, 0.003):
+        metrics.observe_iso("iso", seconds)
+    (hist,) = metrics.iso_latency.collect()
+    assert hist.name == "hsmproxy_iso8583_latency_seconds" and hist.type == "histogram"
+    assert _value(hist, "_count", listener="iso") == 3
+    assert _value(hist, "_bucket", listener="iso", le="0.0005") == 1
+
