@@ -50,7 +50,6 @@ key, PIN, PIN block, PAN or any other field value.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -62,6 +61,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from hsmproxy.cluster.state import AdminState
+from hsmproxy.periodic import Refresher
 from hsmproxy.server.hostcmd import CommandRecord
 
 if TYPE_CHECKING:
@@ -146,7 +146,8 @@ class Metrics:
         #: Last worker counters per node, and key inventory (None: no keystore or not read yet).
         self.worker_stats: dict[str, dict[str, int]] = {}
         self.inventory: dict[str, Any] | None = None
-        self._task: asyncio.Task[None] | None = None
+        # a failing refresh is logged and the last values stay served: metrics never take the proxy down
+        self._refresher = Refresher(self.refresh, refresh_interval, "metrics-refresh", "refresh failed")
         self.registry.register(_LiveCollector(self))
 
     # -- per command ------------------------------------------------------------------------------
@@ -178,23 +179,11 @@ class Metrics:
     async def start(self) -> None:
         """Read once; then refresh worker counters and the key inventory periodically."""
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-refresh")
+        self._refresher.start()
 
     async def stop(self) -> None:
         """Stop the refresh task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_interval)
-            try:
-                await self.refresh()
-            except Exception:  # metrics must never take the proxy down
-                log.exception("metrics refresh failed")
+        await self._refresher.stop()
 
     async def refresh(self, timeout: float = 2.0) -> None:
         """Ask every running worker for its counters and read the key inventory (bounded wait)."""

@@ -32,7 +32,6 @@ variant-LMK ZPKs only (other types: check values on every node).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -205,7 +204,7 @@ class RotationEngine:
         self.validator = validator
         self.on_change = on_change
         self.outcomes: list[RotationOutcome] = []
-        self._task: asyncio.Task[None] | None = None
+        self._refresher = Refresher(self.run_once, interval, "rotation-engine", "keystore error")
 
     async def on_node(self, node: Any, op: str, args: dict[str, Any]) -> tuple[str, Any]:
         """Run ``op`` on one given node; ``("41", {})`` when it is down or too slow."""
@@ -337,23 +336,11 @@ class RotationEngine:
 
     def start(self) -> None:
         """Run :meth:`run_once` every ``interval`` seconds in the background."""
-        self._task = asyncio.create_task(self._loop(), name="rotation-engine")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("rotation engine: keystore error")
+        self._refresher.start()
 
     async def stop(self) -> None:
         """Stop the background loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._refresher.stop()
 
 
 class KeySync:
