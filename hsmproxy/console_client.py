@@ -98,7 +98,9 @@ def run_console(
             password = os.environ.get("HSMPROXY_CONSOLE_PASSWORD") or getpass.getpass(
                 f"Password for {user}: "
             )
-            reply = conn.command(f"LOGIN {user} {password}")
+            reply = conn.command(f"LOGIN {user}")  # the password on its own line: spaces allowed
+            if reply == "PASSWORD?":
+                reply = conn.command(password)
             print(reply or "console closed the connection", file=out)
             if reply is None or _is_error(reply):
                 return 1

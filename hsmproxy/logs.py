@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -184,3 +185,21 @@ def remove_logging(handler: logging.Handler) -> None:
     """Undo ``configure_logging``: remove its ``handler`` and reset structlog's defaults."""
     logging.getLogger().removeHandler(handler)
     structlog.reset_defaults()
+
+
+class LogThrottle:
+    """At most one log line per ``interval`` seconds; counts the lines it held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None to stay quiet; else the number of lines held back since the last one."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self.interval
+        return held

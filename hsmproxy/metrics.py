@@ -366,13 +366,11 @@ class _LiveCollector(Collector):
                     open_.setdefault((lc.name, tenant.name), 0)
                     inflight.setdefault((lc.name, tenant.name), 0)
         for conn in list(proxy.connections):
-            dispatcher = getattr(conn, "_dispatcher", None)
-            if dispatcher is None:
+            if not conn.tenant_name:  # not admitted (yet)
                 continue
-            tenant = dispatcher.tenant.name if dispatcher.tenant is not None else dispatcher.context.tenant
-            key = (conn.listener, tenant)
+            key = (conn.listener, conn.tenant_name)
             open_[key] = open_.get(key, 0) + 1
-            inflight[key] = inflight.get(key, 0) + len(getattr(conn, "_slots", ()))
+            inflight[key] = inflight.get(key, 0) + conn.inflight
         conns = GaugeMetricFamily(
             "hsmproxy_connections", "Open host connections.", labels=["listener", "tenant"]
         )

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from hsmproxy.backend.client import NodeDown
 from hsmproxy.cluster.state import AdminState, ClusterSettings, NodeState, OpState, StateChange
+from hsmproxy.logs import LogThrottle
 
 log = logging.getLogger("hsmproxy.cluster")
 
@@ -140,8 +141,8 @@ class Router:
         self._budget = RETRY_BURST
         self._budget_at = clock()
         self._budget_requests = 0
-        #: Monotonic time until which "last eligible node" warnings are not repeated, per node.
-        self._quiet_until: dict[str, float] = {}
+        #: "Last eligible node" warnings, at most one a second per node.
+        self._quiet: dict[str, LogThrottle] = {n.name: LogThrottle() for n in self.nodes}
         #: ``[audit] fail_closed``: host-command operations run only while this returns True.
         self.gate: Callable[[], bool] | None = None
         self._costs: dict[str, dict[str, float]] = {}
@@ -361,11 +362,11 @@ class Router:
         if st.oper is OpState.DOWN or st.ejected(now):
             return  # one incident, one ejection
         if not any(n is not node and self.eligible(n, now) for n in self.nodes):
-            if now >= self._quiet_until.get(node.name, 0.0):  # at most one line a second per node
-                self._quiet_until[node.name] = now + 1.0
+            if (held := self._quiet[node.name].due()) is not None:
                 log.warning(
-                    "node %s failed (%s) but is the last eligible node: not ejected", node.name, reason
-                )
+                    "node %s failed (%s) but is the last eligible node, not ejected (%d more held back)",
+                    node.name, reason, held,
+                )  # fmt: skip
             return
         span = st.eject(now, self.settings, reason)
         log.warning("node %s ejected for %gs: %s", node.name, span, reason)

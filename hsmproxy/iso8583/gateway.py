@@ -67,6 +67,7 @@ from hsmproxy.iso8583.codec import (
 from hsmproxy.iso8583.config import IsoListenerConfig, RouteConfig
 from hsmproxy.iso8583.keys import KeyVersions, NamedKeys
 from hsmproxy.keys.rotation import utcnow
+from hsmproxy.logs import LogThrottle
 from hsmproxy.tenancy import TenantConfig
 
 log = logging.getLogger("hsmproxy.iso8583")
@@ -134,6 +135,8 @@ class Gateway:
         self.keys = keys
         self.tenant = tenant
         self.disabled = sorted(disabled_formats)
+        #: Warnings that can fire on every message are written at most once a second.
+        self._quiet = LogThrottle()
 
     # -- codec --------------------------------------------------------------------------------------
 
@@ -192,9 +195,9 @@ class Gateway:
 
     def _key(self, name: str) -> KeyVersions | None:
         kv = self.keys.get(self.tenant.name, name)
-        if kv is None:
-            log.warning("iso8583 %s: named key %s/%s has no active version", self.listener.name,
-                        self.tenant.name, name)  # fmt: skip
+        if kv is None and (held := self._quiet.due()) is not None:  # per message: at most once a second
+            log.warning("iso8583 %s: named key %s/%s has no active version (%d such lines held back)",
+                        self.listener.name, self.tenant.name, name, held)  # fmt: skip
         return kv
 
     def _mac_target(self, fields: Mapping[str, str]) -> str:
@@ -323,9 +326,9 @@ class Gateway:
         try:
             code, values = await self.router.execute("iso_translate", args, affinity)
         except (NoNodeAvailable, TimeoutError) as exc:
-            log.warning(
-                "iso8583 %s: no node could serve the message (%s)", self.listener.name, type(exc).__name__
-            )
+            if (held := self._quiet.due()) is not None:  # under overload: at most one line a second
+                log.warning("iso8583 %s: no node could serve the message (%s; %d such lines held back)",
+                            self.listener.name, type(exc).__name__, held)  # fmt: skip
             return None, SYSTEM_ERROR
         if code != OK:
             stage = str(values.get("stage", ""))
@@ -333,7 +336,9 @@ class Gateway:
                 return None, route.mac_failure_code
             if stage == "pin":
                 return None, pin_error_code(code)
-            log.warning("iso8583 route %s: %s step failed on the node (%s)", route.name, stage or "?", code)
+            if (held := self._quiet.due()) is not None:
+                log.warning("iso8583 route %s: %s step failed on the node (%s; %d such lines held back)",
+                            route.name, stage or "?", code, held)  # fmt: skip
             return None, SYSTEM_ERROR
         out = bytearray(out_raw)
         try:

@@ -388,8 +388,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    """``rows[0]`` is the header (the console's table layout)."""
+    from hsmproxy.server.console import table
+
+    return table(rows[0], rows[1:])
 
 
 def _day(value: datetime | None) -> str:

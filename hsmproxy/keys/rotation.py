@@ -32,7 +32,6 @@ variant-LMK ZPKs only (other types: check values on every node).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from typing import Any
 from hsmproxy.cluster.router import NoNodeAvailable, Router
 from hsmproxy.config import KeystoreSettings
 from hsmproxy.keys.events import EventDelivery
-from hsmproxy.keys.store import KeyExists, KeyRecord, KeyState, KeyStore
+from hsmproxy.keys.store import KeyExists, KeyRecord, KeyState, KeyStore, cryptogram_digest
 from hsmproxy.periodic import Refresher
 
 log = logging.getLogger("hsmproxy.keys")
@@ -61,11 +60,6 @@ Validator = Callable[["RotationEngine", KeyRecord], Awaitable[str | None]]
 def utcnow() -> datetime:
     """The current time, UTC."""
     return datetime.now(UTC)
-
-
-def cryptogram_digest(cryptogram: str) -> str:
-    """SHA-256 hex of a cryptogram's text (how the keystore identifies refused keys)."""
-    return hashlib.sha256(cryptogram.encode()).hexdigest()
 
 
 class RefusedKeys:

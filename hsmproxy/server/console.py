@@ -466,8 +466,9 @@ class AdminConsole:
                 return "PASSWORD?"
             return await self._login(session, words[1], words[2])
         if name not in OPEN_COMMANDS and name not in REQUIRED_ROLE:
-            self._audit(session, words[0][:32], "error")  # only the word: a mistyped password stays out
-            return f"ERR unknown command {words[0][:32]!r}; try HELP"
+            # nothing of the line is kept: it may be a password typed without LOGIN first
+            self._audit(session, "(unknown command)", "error")
+            return "ERR unknown command; try HELP"
         if session.role is None and name not in OPEN_COMMANDS:
             self._audit(session, shown, "denied")
             return "DENIED login first: LOGIN <user> [<password>]"

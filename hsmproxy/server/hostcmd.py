@@ -33,6 +33,7 @@ from typing import Any, Protocol, cast
 
 from hsmproxy.cluster.router import REQUEST_NOTE, NoNodeAvailable, RequestNote, Router
 from hsmproxy.commands.base import CommandContext, Handler, Immediate
+from hsmproxy.logs import LogThrottle
 from hsmproxy.tenancy import TenantState
 from protocols.framing import FrameError, Framer, encode_frame
 from protocols.hostcmd.envelope import EnvelopeError, build_response, split_request
@@ -58,6 +59,11 @@ class RefusedKeySet(Protocol):
     @property
     def digests(self) -> frozenset[str]:
         """Digests of refused cryptograms (empty: nothing to check)."""
+        ...
+
+    @property
+    def named(self) -> Mapping[str, tuple[str, str]]:
+        """Named keystore keys by cryptogram: (``tenant/name@version``, check value)."""
         ...
 
     def refused(self, cryptogram: str) -> bool:
@@ -92,24 +98,6 @@ def _named_keys(
             if found is not None:
                 out.append(found)
     return tuple(out)
-
-
-class LogThrottle:
-    """At most one log line per ``interval`` seconds; counts the lines it held back."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self._next = 0.0
-        self._held = 0
-
-    def due(self) -> int | None:
-        """None to stay quiet; else the number of lines held back since the last one."""
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return None
-        held, self._held, self._next = self._held, 0, now + self.interval
-        return held
 
 
 _NO_NODE_LOG = LogThrottle()
@@ -182,13 +170,13 @@ class Dispatcher:
         if parsed.values.get("lmk_id") in self.foreign_lmks:
             return build_response(header, code, LMK_ERROR, b"", parsed.trailer)
         refused = self.refused
-        note = REQUEST_NOTE.get()
-        if note is not None and refused is not None:  # before refusing: a 29 names the key too
-            named = getattr(refused, "named", None)  # named keys: cryptogram -> (id, check value)
-            if named:
-                note.key_ids = _named_keys(named, _KEY_FIELDS.get(code, ()), parsed.values)
+        if refused is not None:
+            key_fields = _KEY_FIELDS.get(code, ())
+            note = REQUEST_NOTE.get()
+            if note is not None and refused.named:  # before refusing: a 29 names the key too
+                note.key_ids = _named_keys(refused.named, key_fields, parsed.values)
         if refused is not None and refused.digests:
-            for name in _KEY_FIELDS.get(code, ()):
+            for name in key_fields:
                 value = parsed.values.get(name)
                 if isinstance(value, str) and refused.refused(value):
                     return build_response(header, code, REFUSED_KEY_ERROR, b"", parsed.trailer)

@@ -207,6 +207,8 @@ def test_login(env: Env) -> None:
     try:
         assert c.cmd("SHOW NODES")[0].startswith("DENIED login first")
         assert c.cmd("HELP")[0].startswith("HELP")  # open before login
+        # a password typed without LOGIN first is neither echoed nor audited
+        assert c.cmd("Typed-Too-Soon secret words") == ["ERR unknown command; try HELP"]
         assert c.cmd("LOGIN alice wrong-password") == ["DENIED login failed"]
         assert c.cmd("LOGIN mallory whatever") == ["DENIED login failed"]
         assert c.cmd("WHOAMI") == [
@@ -251,8 +253,9 @@ def test_login(env: Env) -> None:
         finally:
             c.close()
     data = env.audit.read_bytes()
-    for secret in (*PASSWORDS.values(), "wrong-password", "whatever"):
+    for secret in (*PASSWORDS.values(), "wrong-password", "whatever", "Typed-Too-Soon"):
         assert secret.encode() not in data
+    assert console_records(env.audit, "-", "(unknown command)")
 
 
 def test_roles_are_enforced_and_audited(env: Env) -> None:
