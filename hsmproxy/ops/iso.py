@@ -4,8 +4,8 @@
 
 1. **verify** (optional): the MAC of the incoming message under the first candidate ZAK/TAK that
    matches (the active version first, then versions still in their grace period): ISO 9797-1
-   algorithm 1 or 3 (:func:`hsmproxy.ops.mac.chained_mac`, as M6/M8) or CMAC (``DES3_CMAC`` /
-   ``AES_CMAC`` on the key handle, as M6/M8 algorithm 6);
+   algorithm 1 or 3 (:func:`hsmproxy.ops.mac.chained_mac`, as M6/M8) or CMAC
+   (:func:`hsmproxy.ops.mac.cmac`, as M6/M8 algorithm 6);
 2. **pin** (optional): field 52 translated from the incoming ZPK (or the DUKPT PIN key of a BDK and
    the KSN) to the outgoing ZPK, with a format change (:func:`hsmproxy.ops.pin.translate`, as CC;
    :func:`hsmproxy.ops.dukpt.dukpt_pin_key`, as G0). With several incoming key candidates a
@@ -26,35 +26,18 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from pkcs11 import Mechanism
-
 from hsmproxy.backend.errors import BackendError
 from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
-from hsmproxy.ops.data import Scope, WorkingKey, cbc, ecb, resolve, xor
+from hsmproxy.ops.data import Scope, resolve
 from hsmproxy.ops.dukpt import dukpt_pin_key
-from hsmproxy.ops.mac import chained_mac, pad
+from hsmproxy.ops.mac import MAC_USAGES, chained_mac, cmac
 from hsmproxy.ops.pin import role_key, translate
 from hsmproxy.ops.registry import OpResult, op
 
-_MAC_USAGES = frozenset({"M0", "M1", "M3", "M5", "M6", "M7"})
 #: PIN key type code -> usage role of :data:`hsmproxy.ops.pin.USAGES`.
 _PIN_ROLE = {"001": "ZPK", "002": "TPK"}
 #: Decryption errors that mean "not this key" when several candidates are tried.
 _WRONG_KEY = frozenset({"20", "24"})
-
-
-def retail_mac(key: WorkingKey, data: bytes, padding: int) -> bytes:
-    """ISO 9797-1 algorithm 3 in two token calls: single-DES CBC under K1 over all blocks but the
-    last, then TDES-EDE2 (K1, K2) of the chaining value XOR the last block, which equals the
-    algorithm's last CBC step followed by ``E_K1(D_K2(.))`` (:func:`chained_mac` takes three)."""
-    if key.length != 16:
-        raise BackendError("27", "ISO 9797-1 algorithm 3 needs a double-length key")
-    data = pad(data, padding) if padding else data
-    if not data or len(data) % 8:
-        raise BackendError("80", "MAC data is not a whole number of 8-byte blocks")
-    head, last = data[:-8], data[-8:]
-    state = cbc(key.parts()[0], bytes(8), head)[-8:] if head else bytes(8)
-    return ecb(key.handle(), xor(state, last))
 
 
 def compute_mac(
@@ -62,20 +45,13 @@ def compute_mac(
 ) -> bytes:
     """The MAC of ``step['data']`` under ``key`` (``step``: key_type, algorithm, padding, length)."""
     ref = {"key": key, "lmk_id": a["lmk"], "kb_lmk": a["kb_lmk"], "lmk_ids": a["lmk_ids"]}
-    working = resolve(backend, scope, ref, "key", str(step["key_type"]), usages=_MAC_USAGES)
+    working = resolve(backend, scope, ref, "key", str(step["key_type"]), usages=MAC_USAGES)
     data = bytes(step["data"])
     algorithm = str(step["algorithm"])
     if algorithm == "cmac":
-        if working.algorithm == "A":
-            mac = bytes(working.handle().sign(data, mechanism=Mechanism.AES_CMAC))
-        elif working.length in (16, 24):
-            mac = bytes(working.handle().sign(data, mechanism=Mechanism.DES3_CMAC))
-        else:
-            raise BackendError("27", "TDES CMAC needs a double or triple length key")
+        mac = cmac(working, data)
     elif working.algorithm == "A":
         raise BackendError("15", "AES keys only support CMAC")
-    elif algorithm == "3":
-        mac = retail_mac(working, data, int(step.get("padding", 1)))
     else:
         mac = chained_mac(working, algorithm, data, bytes(8), int(step.get("padding", 1)), final=True)
     return mac[: int(step.get("length", 8))]

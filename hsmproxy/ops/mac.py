@@ -22,10 +22,11 @@ from pkcs11 import Mechanism
 
 from hsmproxy.backend.errors import BackendError
 from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
-from hsmproxy.ops.data import Scope, WorkingKey, cbc, ecb, resolve
+from hsmproxy.ops.data import Scope, WorkingKey, cbc, ecb, resolve, xor
 from hsmproxy.ops.registry import OpResult, op
 
-_MAC_USAGES = frozenset({"M0", "M1", "M3", "M5", "M6", "M7"})
+#: Key-block usages a MAC key may have.
+MAC_USAGES = frozenset({"M0", "M1", "M3", "M5", "M6", "M7"})
 
 
 def pad(data: bytes, method: int, block: int = 8) -> bytes:
@@ -53,11 +54,23 @@ def chained_mac(
         raise BackendError("80", "MAC data is not a whole number of 8-byte blocks")
     if algorithm == "1":
         return cbc(key.handle(), iv, data)[-8:]
-    left, right = key.parts()
-    state = cbc(left, iv, data)[-8:]
-    if final:
-        state = ecb(left, ecb(right, state, encrypt=False))
-    return state
+    left = key.parts()[0]
+    if not final:
+        return cbc(left, iv, data)[-8:]
+    # the last CBC step under K1 and the output transformation E_K1(D_K2(.)) together are one
+    # TDES-EDE2 (K1, K2, K1) encryption of the chaining value XOR the last block: two token calls
+    head, last = data[:-8], data[-8:]
+    state = cbc(left, iv, head)[-8:] if head else iv
+    return ecb(key.handle(), xor(state, last))
+
+
+def cmac(key: WorkingKey, data: bytes) -> bytes:
+    """CMAC on the token: ``AES_CMAC`` for AES keys, ``DES3_CMAC`` for double/triple-length TDES."""
+    if key.algorithm == "A":
+        return bytes(key.handle().sign(data, mechanism=Mechanism.AES_CMAC))
+    if key.length in (16, 24):
+        return bytes(key.handle().sign(data, mechanism=Mechanism.DES3_CMAC))
+    raise BackendError("27", "TDES CMAC needs a double or triple length key")
 
 
 @op("mac")
@@ -65,7 +78,7 @@ def mac(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
     """M6/M8/MS: a MAC, a chaining value, or a verdict (M8)."""
     mode, algorithm, data = str(a["mode"]), str(a["algorithm"]), bytes(a["data"])
     key_type = str(a["key_type"])
-    usages = _MAC_USAGES if key_type == "FFF" else None
+    usages = MAC_USAGES if key_type == "FFF" else None
     with Scope(backend) as scope:
         key = resolve(backend, scope, a, "key", key_type, usages=usages)
         final = mode in ("0", "3")
@@ -79,12 +92,7 @@ def mac(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
         if algorithm == "6":
             if mode != "0":
                 raise BackendError("15", "CMAC is only available for a single-block message")
-            if key.algorithm == "A":
-                result = bytes(key.handle().sign(data, mechanism=Mechanism.AES_CMAC))
-            elif key.length in (16, 24):
-                result = bytes(key.handle().sign(data, mechanism=Mechanism.DES3_CMAC))
-            else:
-                raise BackendError("27", "TDES CMAC needs a double or triple length key")
+            result = cmac(key, data)
         elif key.algorithm == "A":
             raise BackendError("15", "AES keys only support CMAC")
         else:
