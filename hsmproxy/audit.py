@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsmproxy.audit_syslog import SyslogConfigError, SyslogSettings, SyslogSink, parse_syslog_settings
+from hsmproxy.configutil import resolve_path
 
 if TYPE_CHECKING:
     from hsmproxy.keys.store import KeyStore
@@ -115,7 +116,6 @@ def parse_audit_settings(data: dict[str, Any], base: Path) -> AuditSettings | No
         raise AuditConfigError(f"audit: unknown keys {sorted(unknown)}")
     if not raw.get("path"):
         return None
-    p = Path(str(raw["path"]))
     for flag in ("rotate_daily", "fail_closed"):
         if flag in raw and not isinstance(raw[flag], bool):
             raise AuditConfigError(f"audit: {flag} must be true or false")
@@ -125,7 +125,7 @@ def parse_audit_settings(data: dict[str, Any], base: Path) -> AuditSettings | No
         raise AuditConfigError(str(exc)) from None
     try:
         s = AuditSettings(
-            path=str(p if p.is_absolute() else (base / p).resolve()),
+            path=resolve_path(base, raw["path"]),
             max_bytes=int(raw.get("max_bytes", AuditSettings.max_bytes)),
             rotate_daily=bool(raw.get("rotate_daily", AuditSettings.rotate_daily)),
             fsync=str(raw.get("fsync", AuditSettings.fsync)),

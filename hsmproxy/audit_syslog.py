@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsmproxy.configutil import resolve_path, split_host_port
+
 log = logging.getLogger("hsmproxy.audit")
 
 #: RFC 5424 facility names (section 6.2.1) -> codes.
@@ -86,10 +88,7 @@ class SyslogSettings:
 
 
 def _path(base: Path, value: Any) -> str:
-    if not value:
-        return ""
-    p = Path(str(value))
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return resolve_path(base, value)
 
 
 def _printable(value: str, limit: int, what: str) -> str:
@@ -112,9 +111,10 @@ def parse_syslog_settings(raw: Any, base: Path) -> SyslogSettings | None:
     address = str(raw.get("address", ""))
     if not address:
         return None
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    found = split_host_port(address, default_host="")
+    if found is None or found[1] == 0:
         raise SyslogConfigError(f"audit.syslog: address must be HOST:PORT, got {address!r}")
+    host, port = found
     facility_raw = raw.get("facility", "audit")
     if isinstance(facility_raw, int) and not isinstance(facility_raw, bool):
         facility = facility_raw
@@ -127,7 +127,7 @@ def parse_syslog_settings(raw: Any, base: Path) -> SyslogSettings | None:
     try:
         s = SyslogSettings(
             host=host.strip("[]"),
-            port=int(port),
+            port=port,
             tls=bool(raw.get("tls", False)) or bool(raw.get("ca")),
             ca=_path(base, raw.get("ca")),
             cert=_path(base, raw.get("cert")),

@@ -6,12 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hsmproxy.configutil import split_host_port
+
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    found = split_host_port(text, default_host="")
+    if found is None:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    return found
 
 
 def _header_length(text: str) -> int:

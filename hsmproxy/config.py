@@ -24,6 +24,7 @@ from typing import Any
 from hsmproxy.audit import AuditConfigError, AuditSettings, parse_audit_settings
 from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.cluster.state import ClusterSettings
+from hsmproxy.configutil import resolve_path, split_host_port
 from hsmproxy.iso8583.config import IsoConfigError, IsoSettings, parse_iso8583
 from hsmproxy.server.console import ConsoleUser, parse_console_users
 from hsmproxy.tenancy import TenantConfig, TlsConfig, parse_tenants, parse_tls
@@ -117,10 +118,10 @@ class Settings:
 
 
 def _host_port(text: str, where: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    found = split_host_port(text)
+    if found is None:
         raise ConfigError(f"{where}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return found
 
 
 def _bool(value: str) -> bool:
@@ -132,10 +133,7 @@ def _bool(value: str) -> bool:
 
 
 def _resolve(base: Path, value: str) -> str:
-    if not value:
-        return value
-    p = Path(value)
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return resolve_path(base, value)
 
 
 def _cluster_settings(data: dict[str, Any]) -> ClusterSettings:

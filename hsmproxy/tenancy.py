@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hsmproxy.configutil import resolve_path
+
 log = logging.getLogger("hsmproxy.tenancy")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -283,10 +285,7 @@ def parse_tls(raw: Any, base: Path, where: str) -> TlsConfig | None:
         raise ValueError(f"{where}.tls: unknown keys {sorted(unknown)}")
 
     def path(name: str) -> str:
-        value = str(raw.get(name, ""))
-        if not value or Path(value).is_absolute():
-            return value
-        return str((base / value).resolve())
+        return resolve_path(base, raw.get(name, ""))
 
     if not raw.get("cert") or not raw.get("key"):
         raise ValueError(f"{where}.tls: cert and key are required")

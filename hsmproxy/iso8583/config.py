@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hsmproxy.configutil import split_host_port
 from hsmproxy.iso8583.codec import SpecError, load_spec
 
 Mode = Literal["service", "inline"]
@@ -151,10 +152,10 @@ class IsoSettings:
 
 
 def _host_port(text: Any, where: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    found = split_host_port(text)
+    if found is None:
         raise IsoConfigError(f"{where}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return found
 
 
 def _opt(item: Mapping[str, Any], key: str) -> str | None:
