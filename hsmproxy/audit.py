@@ -488,9 +488,15 @@ class AuditWriter:
 
     @staticmethod
     def _latest_rotated(path: Path) -> str:
-        rotated = [p for p in path.parent.glob(path.name + ".*") if p.name.rsplit(".", 1)[-1].isdigit()]
-        rotated.sort(key=lambda p: int(p.name.rsplit(".", 1)[-1]))
+        rotated = rotated_files(path)
         return str(rotated[-1]) if rotated else ""
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated files of the audit file ``path`` (``<path>.<time>.<last seq>``), oldest first."""
+    rotated = [p for p in path.parent.glob(path.name + ".*") if p.name.rsplit(".", 1)[-1].isdigit()]
+    rotated.sort(key=lambda p: int(p.name.rsplit(".", 1)[-1]))
+    return rotated
 
 
 def _key_cursor(path: Path) -> int | None:

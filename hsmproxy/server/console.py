@@ -851,36 +851,40 @@ class AdminConsole:
         audit = self.proxy.audit
         if audit is None:
             raise CommandError("no [audit] path configured")
+        from hsmproxy.audit import rotated_files
+
         path = Path(audit.settings.path)
-        rotated = [p for p in path.parent.glob(path.name + ".*") if p.is_file()]
+        rotated = rotated_files(path)
         return [*rotated, path] if path.exists() else rotated
 
     async def audit_verify(self) -> Doc:
         """AUDIT VERIFY: the chain of the live audit file and its rotated files, MACs from a node."""
-        from hsmproxy.audit import MAX_BATCH, canonical, verify_files
+        from hsmproxy.audit import MAX_BATCH, verify_files
 
         audit = self.proxy.audit
         router = self.proxy.router
         files = self._audit_files()
         assert audit is not None and router is not None
         await audit.flush()
-        bodies: list[str] = []
-        for path in files:
-            for line in path.read_bytes().split(b"\n"):
-                with contextlib.suppress(ValueError):
-                    rec = json.loads(line)
-                    if isinstance(rec, dict):
-                        bodies.append(canonical({k: v for k, v in rec.items() if k != "mac"}).decode("ascii"))
-        macs: dict[str, str] = {}
-        for i in range(0, len(bodies), MAX_BATCH):
-            batch = bodies[i : i + MAX_BATCH]
-            code, values = await router.execute(
-                "audit_mac", {"key_id": audit.settings.key_id, "bodies": batch}
-            )
-            if code != "00":
-                raise CommandError(f"no node could compute the audit MACs (audit_mac answered {code})")
-            macs.update(zip(batch, str(values["macs"]).split(), strict=True))
-        report = await asyncio.to_thread(verify_files, files, lambda bs: [macs.get(b, "") for b in bs], True)
+        loop = asyncio.get_running_loop()
+        args = {"key_id": audit.settings.key_id}
+
+        def node_macs(bodies: list[str]) -> list[str]:
+            """Plain MACs from a node, asked from the verifying thread through the event loop."""
+            out: list[str] = []
+            for i in range(0, len(bodies), MAX_BATCH):
+                batch = bodies[i : i + MAX_BATCH]
+                pending = asyncio.run_coroutine_threadsafe(
+                    router.execute("audit_mac", {**args, "bodies": batch}), loop
+                )
+                code, values = pending.result(60)
+                if code != "00":
+                    raise CommandError(f"no node could compute the audit MACs (audit_mac answered {code})")
+                out += str(values["macs"]).split()
+            return out
+
+        # the files are read and checked in a thread: a large trail never stalls the event loop
+        report = await asyncio.to_thread(verify_files, files, node_macs, True)
         return Doc(
             {
                 "state": "intact" if report.ok else "NOT intact",
@@ -900,7 +904,7 @@ class AdminConsole:
         assert audit is not None
         await audit.flush()
         live = Path(audit.settings.path)
-        lines = live.read_bytes().split(b"\n") if live.exists() else []
+        lines = (await asyncio.to_thread(live.read_bytes)).split(b"\n") if live.exists() else []
         records = []
         for line in lines[-int(count) - 1 :]:
             with contextlib.suppress(ValueError):
