@@ -57,6 +57,11 @@ class HostCommandProtocol(asyncio.Protocol):
         if out:
             transport.write(bytes(out))
 
+    def close(self) -> None:
+        """Close the connection (a server that stops closes the connections it still has)."""
+        if self._transport is not None:
+            self._transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the transport."""
         self._transport = None

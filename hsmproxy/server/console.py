@@ -386,7 +386,7 @@ class AdminConsole:
         self.proxy = proxy
         self.users = {u.name: u for u in users}
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
+        self._clients: dict[asyncio.StreamWriter, asyncio.Task[None] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, CommandStats] = {}
         self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=ERRORS_KEPT)
@@ -934,15 +934,20 @@ class AdminConsole:
         """Stop listening and close open console sessions."""
         if self._server is not None:
             self._server.close()
+        sessions = [t for t in self._clients.values() if t is not None]
         for w in list(self._clients):
             w.close()
+        for t in sessions:  # a session may be waiting (the pause after a failed login): end it now
+            t.cancel()
+        if sessions:
+            await asyncio.wait(sessions, timeout=2)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._clients.add(writer)
+        self._clients[writer] = asyncio.current_task()
         peer = writer.get_extra_info("peername")
         session = self.new_session(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown")
         try:
@@ -961,7 +966,7 @@ class AdminConsole:
         except (ConnectionError, OSError):
             pass
         finally:
-            self._clients.discard(writer)
+            self._clients.pop(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from emulator.app import build_state
 from emulator.hsm import EmulatorHsm, Handler
 from emulator.server import HostCommandProtocol
 from protocols.framing import Framer, encode_frame
+from tests.integration.proxy_env import finish_loop
 
 
 @dataclass
@@ -39,8 +41,15 @@ def running_emulator(handlers: Mapping[str, Handler] | None = None) -> Iterator[
     started = threading.Event()
     holder: dict[str, object] = {}
 
+    protocols: weakref.WeakSet[HostCommandProtocol] = weakref.WeakSet()  # an open transport holds its own
+
+    def protocol() -> HostCommandProtocol:
+        p = HostCommandProtocol(hsm)
+        protocols.add(p)
+        return p
+
     async def main() -> None:
-        server = await loop.create_server(lambda: HostCommandProtocol(hsm), "127.0.0.1", 0)
+        server = await loop.create_server(protocol, "127.0.0.1", 0)
         holder["port"] = server.sockets[0].getsockname()[1]
         started.set()
         async with server:
@@ -55,7 +64,9 @@ def running_emulator(handlers: Mapping[str, Handler] | None = None) -> Iterator[
         except asyncio.CancelledError:
             pass
         finally:
-            loop.close()
+            for p in list(protocols):  # connections a test left open: closed here, not by the collector
+                p.close()
+            finish_loop(loop)
 
     thread = threading.Thread(target=run, name="emulator", daemon=True)
     thread.start()

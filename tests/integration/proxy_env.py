@@ -65,6 +65,21 @@ def make_nodes(root: Path, names: tuple[str, ...] = ("node-a", "node-b"), strict
     return config
 
 
+def finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``loop`` as ``asyncio.run`` does: cancel what is still pending and let it finish first, so no
+    task, transport or socket is left for the garbage collector to warn about during a later test."""
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(asyncio.sleep(0))  # connection_lost callbacks of transports closed above
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
 @dataclass
 class RunningProxy:
     """A proxy serving on 127.0.0.1:port, in a background thread with its own event loop."""
@@ -107,7 +122,7 @@ def start_proxy(
         try:
             loop.run_until_complete(main())
         finally:
-            loop.close()
+            finish_loop(loop)
 
     thread = threading.Thread(target=run, name="proxy", daemon=True)
     thread.start()

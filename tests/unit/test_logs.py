@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 
+import pytest
 import structlog
 
 from hsmproxy.logs import configure_logging, is_secret_name, mask_pan, redact, redact_text, remove_logging
@@ -70,3 +72,21 @@ def test_stdlib_and_structlog_lines_are_json_and_redacted() -> None:
     assert lines[1]["event"] == "translated" and lines[1]["pin_block"] == "<redacted>"
     assert lines[1]["tenant"] == "t1" and "timestamp" in lines[1]
     assert "0412AC89ABCDEF67" not in stream.getvalue()
+
+
+def test_default_stream_is_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a stream the handler writes to whatever sys.stderr is at emit time, never a closed one."""
+    root = logging.getLogger()
+    old = root.level
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    handler = configure_logging("INFO", console=False)
+    try:
+        first.close()  # what pytest does to a test's captured stderr once the test ends
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("hsmproxy.test").info("after the swap")
+    finally:
+        remove_logging(handler)
+        root.setLevel(old)
+    assert json.loads(second.getvalue())["event"] == "after the swap"
