@@ -25,6 +25,9 @@ from hsmproxy.backend.spec import DEVICE_ERROR, NodeSpec, run_worker
 log = logging.getLogger("hsmproxy.node")
 
 _CTX = multiprocessing.get_context("spawn")
+#: Bytes asked per read of a worker pipe: below glibc's mmap threshold (128 KiB), so a read is a heap
+#: allocation rather than an mmap/munmap pair per wake-up (a pipe holds 64 KiB anyway).
+READ_SIZE = 1 << 16
 
 
 class NodeDown(Exception):
@@ -225,12 +228,12 @@ class NodeClient:
             return
         try:
             while True:
-                chunk = os.read(self._fd, 1 << 20)
+                chunk = os.read(self._fd, READ_SIZE)
                 if not chunk:
                     self._worker_died("worker exited")
                     return
                 self._rbuf += chunk
-                if len(chunk) < 1 << 20:
+                if len(chunk) < READ_SIZE:
                     break
         except BlockingIOError:
             pass

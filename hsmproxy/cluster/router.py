@@ -145,6 +145,7 @@ class Router:
         self._quiet: dict[str, LogThrottle] = {n.name: LogThrottle() for n in self.nodes}
         #: ``[audit] fail_closed``: host-command operations run only while this returns True.
         self.gate: Callable[[], bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests run on (one per process)
         self._costs: dict[str, dict[str, float]] = {}
         weights = weights or {}
         self.states: dict[str, NodeState] = {}
@@ -264,7 +265,9 @@ class Router:
         retry on another node from the callback. Fails with :class:`NoNodeAvailable` or
         ``TimeoutError`` when no node could answer.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():  # get_running_loop() is a getpid() call on Python 3.11
+            loop = self._loop = asyncio.get_running_loop()
         outer: asyncio.Future[tuple[str, Any]] = loop.create_future()
         note = REQUEST_NOTE.get()  # a host command's audit note (read now: callbacks run elsewhere)
         if note is not None and self.gate is not None and not self.gate():

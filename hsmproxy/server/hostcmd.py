@@ -284,6 +284,7 @@ class HostCommandProtocol(asyncio.Protocol):
         self.release: Callable[[], None] | None = None
         self._framer = Framer(MAX_FRAME)
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: deque[asyncio.Future[bytes] | bytes] = deque()
         self._max_inflight = max_inflight
         self._paused = False
@@ -339,6 +340,8 @@ class HostCommandProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Remember the transport and the peer address (or refuse it when over the limit)."""
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        # once per connection: asyncio.get_running_loop() is a getpid() system call on Python 3.11
+        self._loop = asyncio.get_running_loop()
         self.peer = self._transport.get_extra_info("peername")
         if self.over_limit:
             log.warning("refusing connection from %s: connection limit reached", self.peer)
@@ -365,7 +368,7 @@ class HostCommandProtocol(asyncio.Protocol):
             log.warning("closing connection from %s: %s", self.peer, exc)
             self._close_after_flush()
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         observe = self.observer is not None
         self.requests += len(frames)
         hl = self._dispatcher.header_length
