@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field, fields, replace
@@ -436,6 +437,17 @@ class Proxy:
         await asyncio.gather(*(n.stop() for n in self.nodes))
 
 
+def settle_heap() -> None:
+    """Move everything built at start-up (modules, config, keystore, metrics) out of the collector's way.
+
+    A full collection of the front's heap took up to 32 ms, a pause every request in flight waited
+    through (the p99 of the open-loop bench). Frozen objects are never scanned again; a reload's
+    new objects are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(
     settings: Settings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
 ) -> None:
@@ -468,6 +480,7 @@ async def serve(
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     await proxy.start()
+    settle_heap()
     if ready is not None:
         ready.set()
     waits = [loop.create_task(stop.wait()), loop.create_task(proxy.shutdown_requested.wait())]

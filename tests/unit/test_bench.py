@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
+from hsmproxy import bench
 from hsmproxy.bench import BenchResult, echo_server, format_result, run_bench
 
 
@@ -52,3 +55,19 @@ def test_open_loop_sends_on_schedule_and_holds_idle_connections() -> None:
     # the schedule, not a speed check: late sends are caught up, so about rate x duration go out
     assert 150 <= r.sent <= 260 and 0 < r.ok <= r.sent
     assert '"idle": 20' in format_result(r, True)
+
+
+def test_open_loop_client_sleeps_a_whole_tick_between_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 5,000/s the next send is due in 0.2 ms: the client still sleeps a whole tick and sends what is
+    due in one go (a timer below the loop's resolution fires at once and the client spins a core)."""
+    asked: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, result: object = None) -> object:
+        asked.append(delay)
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(bench.asyncio, "sleep", sleep)
+    r = _against_echo(command="NC", connections=2, rate=5000, duration=0.2, warmup=0.05)
+    assert r.errors == 0 and r.ok > 0
+    assert asked and min(asked) >= bench.OPEN_LOOP_TICK
