@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import itertools
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -341,4 +343,28 @@ def test_a_write_error_loses_the_batch_visibly_and_recovers(tmp_path: Path) -> N
     assert [r["kind"] for r in recs] == ["open", "gap", "hostcmd", "close"]
     assert recs[1]["lost"] == 2 and recs[1]["reason"] == f"write error {errno.ENOSPC}"
     assert recs[2]["correlation"] == "30303033"
+    assert _verify(path).ok
+
+
+def test_batch_fsync_runs_off_the_event_loop_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync = "batch": the loop thread never waits for the disk; each sync covers a whole batch, which
+    is on disk in full (written before the sync) when it runs."""
+    path = tmp_path / "audit.jsonl"
+    real_fsync = os.fsync
+    syncs: list[tuple[str, int]] = []
+
+    def fsync(fd: int) -> None:
+        syncs.append((threading.current_thread().name, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _write(path, 30, checkpoint_every=1000)
+    loop_thread = threading.main_thread().name
+    lines = _lines(path)
+    assert syncs and all(name != loop_thread for name, _ in syncs)
+    ends = set(itertools.accumulate(len(line) for line in lines))
+    assert all(size in ends for _, size in syncs)  # each sync saw whole records only
+    assert len(syncs) < len(lines)  # per batch, not per record
     assert _verify(path).ok
