@@ -48,6 +48,7 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from hsmproxy.audit_syslog import SyslogConfigError, SyslogSettings, SyslogSink, parse_syslog_settings
 from hsmproxy.configutil import resolve_path
+from hsmproxy.logs import LogThrottle
 
 if TYPE_CHECKING:
     from hsmproxy.keys.store import KeyStore
@@ -71,8 +73,10 @@ FSYNC_POLICIES = ("always", "batch", "never")
 #: Most records sent in one ``audit_mac`` op.
 MAX_BATCH = 1000
 
-#: Chained MACs: (prev, bodies) -> MACs (the node inserts ``prev`` into each body in turn).
-ChainMac = Callable[[str, list[str]], Awaitable[list[str]]]
+#: Chained MACs: (prev, bodies, slot) -> MACs. Each body is the canonical text of a record without
+#: ``mac`` whose ``prev`` value is ``slot`` (64 hex digits, random per writer); the node replaces it
+#: with the running previous MAC, MACs the text, and goes on (no JSON work on the node).
+ChainMac = Callable[[str, list[str], str], Awaitable[list[str]]]
 #: Plain MACs for verification: bodies (each with its own ``prev``) -> MACs.
 PlainMac = Callable[[list[str]], list[str]]
 
@@ -98,6 +102,9 @@ class AuditSettings:
     checkpoint_every: int = 1000
     checkpoint_interval: float = 60.0
     max_pending: int = 100_000
+    #: Seconds a record may wait for others to share its batch (one node round trip and one fsync per
+    #: batch); 0: a batch per event-loop wake-up. Answers never wait for their records.
+    linger: float = 0.01
     #: Host commands answer ``41`` while records cannot be taken (queue full, file not writable).
     fail_closed: bool = False
     #: ``[audit.syslog]``: a copy of every record for a SIEM (None: off).
@@ -133,6 +140,7 @@ def parse_audit_settings(data: dict[str, Any], base: Path) -> AuditSettings | No
             checkpoint_every=int(raw.get("checkpoint_every", AuditSettings.checkpoint_every)),
             checkpoint_interval=float(raw.get("checkpoint_interval", AuditSettings.checkpoint_interval)),
             max_pending=int(raw.get("max_pending", AuditSettings.max_pending)),
+            linger=float(raw.get("linger", AuditSettings.linger)),
             fail_closed=bool(raw.get("fail_closed", False)),
             syslog=syslog,
         )
@@ -144,6 +152,8 @@ def parse_audit_settings(data: dict[str, Any], base: Path) -> AuditSettings | No
         raise AuditConfigError(
             "audit: need max_bytes >= 0, checkpoint_every >= 1, checkpoint_interval > 0, max_pending >= 1"
         )
+    if not 0 <= s.linger <= 1:
+        raise AuditConfigError("audit: linger must be 0 to 1 seconds")
     return s
 
 
@@ -161,10 +171,12 @@ def load_audit_settings(config_path: str) -> AuditSettings | None:
 def software_chain_mac(key: bytes) -> ChainMac:
     """A chained MAC provider computing in software (unit tests; same results as the node op)."""
 
-    async def chain(prev: str, bodies: list[str]) -> list[str]:
+    async def chain(prev: str, bodies: list[str], slot: str) -> list[str]:
         out = []
         for body in bodies:
             rec = json.loads(body)
+            if rec.get("prev") != slot:
+                raise ValueError("body without the prev slot")
             rec["prev"] = prev
             prev = hmac.new(key, canonical(rec), hashlib.sha256).hexdigest()
             out.append(prev)
@@ -183,8 +195,10 @@ def software_plain_mac(key: bytes) -> PlainMac:
 def router_chain_mac(router: Any, key_id: str) -> ChainMac:
     """A chained MAC provider sending one ``audit_mac`` op per batch through the cluster router."""
 
-    async def chain(prev: str, bodies: list[str]) -> list[str]:
-        code, values = await router.execute("audit_mac", {"key_id": key_id, "prev": prev, "bodies": bodies})
+    async def chain(prev: str, bodies: list[str], slot: str) -> list[str]:
+        # not shed under overload: at most one batch is in flight, and the answers it records were sent
+        args = {"key_id": key_id, "prev": prev, "bodies": bodies, "slot": slot}
+        code, values = await router.execute("audit_mac", args, shed=False)
         if code != "00":
             raise RuntimeError(f"audit_mac answered {code}")
         macs = str(values["macs"]).split()
@@ -225,6 +239,9 @@ class AuditWriter:
     _rotate_to: str = ""
     _lost: int = 0
     _flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: (mac slot, prev slot): random 64-hex stand-ins for the two MACs in a record's canonical text.
+    _slots: tuple[str, str] = field(default_factory=lambda: (secrets.token_hex(32), secrets.token_hex(32)))
+    _drop_log: LogThrottle = field(default_factory=LogThrottle)
     #: The last keystore history id written to the trail (None: no keystore records).
     key_cursor: int | None = None
     #: Records written (chain records included), and records lost (queue overflow, write errors).
@@ -335,7 +352,12 @@ class AuditWriter:
             del self._pending[:drop]
             self._lost += drop
             self.dropped += drop
-            log.error("audit: %d records dropped (no node answers audit_mac): the trail has a gap", drop)
+            held = self._drop_log.due()
+            if held is not None:  # under sustained overload this would be one line per record
+                log.error(
+                    "audit: records dropped (no node answers audit_mac), the trail has a gap: %d so far",
+                    self.dropped,
+                )
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._kick)
@@ -347,6 +369,8 @@ class AuditWriter:
 
     async def _flush_loop(self) -> None:
         while self._pending:
+            if self.settings.linger > 0 and len(self._pending) < MAX_BATCH:
+                await asyncio.sleep(self.settings.linger)  # let the batch fill (group commit)
             try:
                 await self.flush()
             except Exception as exc:  # no node, node error: keep the records, retry
@@ -375,11 +399,15 @@ class AuditWriter:
                 self._lost = 0
             batch = self._pending[:MAX_BATCH]
             records = self._plan(batch)
-            bodies = [canonical(r).decode("ascii") for r in records]
-            macs = await self.mac(self._prev, bodies)
+            # One canonical encoding per record: its text with both MACs as slots is the line to write
+            # (slots filled in) and, without the mac slot, the body the node MACs.
+            mac_slot, prev_slot = self._slots
+            cut = f'"mac":"{mac_slot}",'
+            texts = [canonical({**r, "mac": mac_slot, "prev": prev_slot}).decode("ascii") for r in records]
+            macs = await self.mac(self._prev, [t.replace(cut, "", 1) for t in texts], prev_slot)
             del self._pending[: len(batch)]
             try:
-                if self._write(records, macs):
+                if self._write(records, macs, texts):
                     # Off the event loop: requests keep flowing while the disk syncs, and the records
                     # that arrive meanwhile form the next batch (group commit). The flush lock keeps
                     # the file to this batch until the sync is done.
@@ -447,11 +475,13 @@ class AuditWriter:
     def _today(self) -> str:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC).strftime("%Y%m%d")
 
-    def _write(self, records: list[dict[str, Any]], macs: list[str]) -> bool:
+    def _write(self, records: list[dict[str, Any]], macs: list[str], texts: list[str]) -> bool:
         """Append the batch (one write to the OS per batch); True when the policy wants it synced."""
         policy = self.settings.fsync
-        for rec, mac in zip(records, macs, strict=True):
-            self._append(rec, mac, policy)
+        mac_slot, prev_slot = self._slots
+        for rec, mac, text in zip(records, macs, texts, strict=True):
+            line = text.replace(mac_slot, mac, 1).replace(prev_slot, self._prev, 1).encode("ascii") + b"\n"
+            self._append(rec, mac, line, policy)
             if rec["kind"] == "close" and rec["reason"] == "rotate":
                 self._rotate()
         if self._file is None:
@@ -459,9 +489,9 @@ class AuditWriter:
         self._file.flush()
         return policy == "batch"
 
-    def _append(self, rec: dict[str, Any], mac: str, policy: str) -> None:
+    def _append(self, rec: dict[str, Any], mac: str, line: bytes, policy: str) -> None:
+        """``line``: the canonical record with ``prev`` and ``mac`` (``canonical(rec)`` once they are set)."""
         rec["prev"], rec["mac"] = self._prev, mac
-        line = canonical(rec) + b"\n"
         self._file.write(line)
         if policy == "always":
             self._file.flush()

@@ -208,15 +208,15 @@ class Router:
 
     # -- choosing ---------------------------------------------------------------------------------
 
-    def pick(self, affinity: str = "", exclude: Backend | None = None) -> Backend:
-        """The node for the next request."""
+    def pick(self, affinity: str = "", exclude: Backend | None = None, shed: bool = True) -> Backend:
+        """The node for the next request (``shed``: :class:`Overloaded` when every node is full)."""
         now = self.clock()
         candidates = self.candidates(exclude, now)
         if not candidates:
             raise NoNodeAvailable("no node is up")
         states = self.states
         limit = self.settings.max_outstanding
-        if any(states[n.name].outstanding >= limit for n in candidates):
+        if shed and any(states[n.name].outstanding >= limit for n in candidates):
             candidates = [n for n in candidates if states[n.name].outstanding < limit]
             if not candidates:
                 self.shed += 1
@@ -254,11 +254,19 @@ class Router:
 
     # -- executing --------------------------------------------------------------------------------
 
-    async def execute(self, op: str, args: dict[str, Any], affinity: str = "") -> tuple[str, Any]:
-        """Run ``op`` on a node; retry once on another node if the first fails or times out."""
-        return await self.submit(op, args, affinity)
+    async def execute(
+        self, op: str, args: dict[str, Any], affinity: str = "", *, shed: bool = True
+    ) -> tuple[str, Any]:
+        """Run ``op`` on a node; retry once on another node if the first fails or times out.
 
-    def submit(self, op: str, args: dict[str, Any], affinity: str = "") -> asyncio.Future[tuple[str, Any]]:
+        ``shed=False``: not refused when every node is at ``max_outstanding`` (internal work such as the
+        audit trail's one batch in flight, which records answers already sent).
+        """
+        return await self.submit(op, args, affinity, shed=shed)
+
+    def submit(
+        self, op: str, args: dict[str, Any], affinity: str = "", *, shed: bool = True
+    ) -> asyncio.Future[tuple[str, Any]]:
         """Like :meth:`execute`, as a future, without a task per request (the host-command path).
 
         The attempt is driven by callbacks: the node's future, one timer for the deadline, and a
@@ -274,7 +282,7 @@ class Router:
             outer.set_exception(AuditUnavailable("the audit trail cannot take records (fail_closed)"))
             return outer
         try:
-            node = self.pick(affinity)
+            node = self.pick(affinity, shed=shed)
         except NoNodeAvailable as exc:
             outer.set_exception(exc)
             return outer

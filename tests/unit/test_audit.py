@@ -29,6 +29,8 @@ KEY = bytes(range(32))
 
 
 def _write(path: Path, n: int, **kw: object) -> AuditWriter:
+    kw.setdefault("linger", 0.0)  # a batch per event-loop wake-up: several batches per run
+
     async def main() -> AuditWriter:
         w = AuditWriter(AuditSettings(str(path), **kw), software_chain_mac(KEY))  # type: ignore[arg-type]
         await w.start()
@@ -189,10 +191,10 @@ def test_records_dropped_while_no_node_answers_leave_a_gap_record(tmp_path: Path
     good = software_chain_mac(KEY)
     up = False
 
-    async def flaky(prev: str, bodies: list[str]) -> list[str]:
+    async def flaky(prev: str, bodies: list[str], slot: str) -> list[str]:
         if not up:
             raise RuntimeError("no node")
-        return await good(prev, bodies)
+        return await good(prev, bodies, slot)
 
     async def main() -> AuditWriter:
         nonlocal up
@@ -367,4 +369,28 @@ def test_batch_fsync_runs_off_the_event_loop_once_per_batch(
     ends = set(itertools.accumulate(len(line) for line in lines))
     assert all(size in ends for _, size in syncs)  # each sync saw whole records only
     assert len(syncs) < len(lines)  # per batch, not per record
+    assert _verify(path).ok
+
+
+def test_linger_gathers_the_records_of_many_wake_ups_into_one_batch(tmp_path: Path) -> None:
+    """One node round trip (and one fsync) for every record that arrived within ``linger``."""
+    path = tmp_path / "audit.jsonl"
+    good = software_chain_mac(KEY)
+    batches: list[int] = []
+
+    async def counting(prev: str, bodies: list[str], slot: str) -> list[str]:
+        batches.append(len(bodies))
+        return await good(prev, bodies, slot)
+
+    async def main() -> None:
+        w = AuditWriter(AuditSettings(str(path), linger=0.2), counting)
+        await w.start()
+        for i in range(30):
+            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
+            await asyncio.sleep(0)  # 30 event-loop wake-ups
+        await asyncio.sleep(0.5)
+        assert batches == [1, 30]  # the open record (at start), then the 30 in one op
+        await w.stop()
+
+    asyncio.run(main())
     assert _verify(path).ok

@@ -173,3 +173,24 @@ def test_a_dead_nodes_requests_are_all_retried_whatever_the_budget() -> None:
     assert len(results) == 500 and all(r == ("00", {"n": 1}) for r in results)
     # every request the dead node took was retried, far more than the timeout budget would allow
     assert router.retries == len(dead.pending) > RETRY_BURST and router.retries_refused == 0
+
+
+def test_internal_work_asked_not_to_be_shed_still_reaches_a_full_node() -> None:
+    """The audit trail's one batch in flight (shed=False) gets through when host commands are shed."""
+    a, b = HeldNode("a"), HeldNode("b")
+    router = Router([a, b], deadline=30.0, settings=ClusterSettings(max_outstanding=2))
+
+    async def go() -> tuple[str, Any]:
+        held = [router.submit("op", {}, "key") for _ in range(4)]  # both nodes full
+        await asyncio.sleep(0)
+        shed = router.submit("op", {}, "key")
+        audit = router.submit("audit_mac", {}, shed=False)
+        await asyncio.sleep(0)
+        assert isinstance(shed.exception(), Overloaded) and not audit.done()
+        a.answer_all()
+        b.answer_all()
+        await asyncio.gather(*held)
+        return await audit
+
+    assert asyncio.run(go()) == ("00", {"n": 1})
+    assert router.shed == 1
