@@ -241,26 +241,27 @@ class Pkcs11Backend:
         found = list(self.session.get_objects(template))
         return found[0] if found else None
 
-    def lmk_object(self, label: str) -> Any:
+    def lmk_object(self, label: str, *, token: bool = False) -> Any:
         """A handle for the LMK token object ``label``; ``13`` if it is not loaded.
 
         The handle is a session copy of the token object when the module allows one (sensitive and
         non-extractable like the original, visible to this worker only): SoftHSM2 re-reads a token
         object's file state on every use, 25 against 12 us per DES3 operation. Every ``LMK_RECHECK``
         seconds the token is asked again; an LMK object that vanished or was replaced under a running
-        worker is a device fault (the node is recycled, as a stale handle was before).
+        worker is a device fault (the node is recycled, as a stale handle was before). ``token=True``
+        gives the token object itself: the health check's operation, which must reach the token.
         """
         entry = self._lmk.get(label)
         now = time.monotonic()
         if entry is not None:
             token_obj, handle, checked = entry
             if now - checked < LMK_RECHECK:
-                return handle
+                return token_obj if token else handle
             current = self._find_lmk(label)
             if current is None or current.handle != token_obj.handle:
                 raise DeviceError(f"LMK object {label} changed on the token")
             self._lmk[label] = (token_obj, handle, now)
-            return handle
+            return token_obj if token else handle
         # A miss is remembered briefly so that requests naming an absent LMK (or probing for a
         # key-block LMK) do not search the token each time; an LMK loaded later is seen soon.
         missed_at = self._lmk_missing.get(label)
@@ -276,7 +277,7 @@ class Pkcs11Backend:
             handle = token_obj
         self._lmk[label] = (token_obj, handle, now)
         self._lmk_missing.pop(label, None)
-        return handle
+        return token_obj if token else handle
 
     def lmk_labels(self) -> list[str]:
         """Labels of every LMK object on the token."""

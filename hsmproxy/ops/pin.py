@@ -223,12 +223,16 @@ def pvv_from_pin_block(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
 
 @op("lmk_check")
 def lmk_check(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
-    """NC: the check value of LMK pair 00-01 (TDES-ECB of zeros), computed by the LMK object."""
+    """NC: the check value of LMK pair 00-01 (TDES-ECB of zeros), computed by the LMK object.
+
+    Also the nodes' health check, so it uses the token object itself, not the worker's session copy:
+    a token that vanished under the worker fails here.
+    """
     lmk_id = a["lmk_id"]
     try:
-        obj = backend.lmk_object(f"hsmproxy-lmk:{lmk_id}:00:0:-")
+        obj = backend.lmk_object(f"hsmproxy-lmk:{lmk_id}:00:0:-", token=True)
         check = backend.ecb_encrypt(obj, bytes(8))
     except BackendError:
-        obj = backend.lmk_object(f"hsmproxy-kblmk:{lmk_id}:lmk")
+        obj = backend.lmk_object(f"hsmproxy-kblmk:{lmk_id}:lmk", token=True)
         check = backend.aes_cmac(obj, bytes(16))[:8]
     return "00", {"lmk_check": check.hex().upper(), "firmware": a["firmware"]}

@@ -52,6 +52,7 @@ def main(config: str) -> None:
     out["lmk_handle"] = _attrs(lmk)
     out["lmk_token_object"] = _attrs(token_obj)
     out["lmk_same_answer"] = _ecb(lmk) == _ecb(token_obj)
+    out["lmk_for_health_check"] = _attrs(backend.lmk_object(LMK_00_01, token=True))
     other = backend.session.token.open(rw=True)  # logged in already: login is per application
     for obj in other.get_objects({Attribute.LABEL: LMK_00_01}):
         obj.destroy()

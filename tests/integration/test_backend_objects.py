@@ -45,6 +45,8 @@ def test_lmk_handles_are_session_copies_of_private_token_objects(probe: dict[str
     assert probe["lmk_token_object"] == {"token": True, "private": True, **sensitive}
     assert probe["lmk_handle"] == {"token": False, "private": True, **sensitive}
     assert probe["lmk_same_answer"] is True
+    # the health check (NC) reaches the token object itself: a vanished token fails it
+    assert probe["lmk_for_health_check"] == probe["lmk_token_object"]
 
 
 def test_an_lmk_replaced_under_a_running_worker_is_a_device_fault_at_the_next_check(
