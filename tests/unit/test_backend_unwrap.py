@@ -33,7 +33,7 @@ def _backend(native: bool, strict: bool = False) -> tuple[Pkcs11Backend, list[tu
     b.cache_size = 8
     b.cache_hits = b.cache_misses = b.fallback_imports = b.native_unwraps = 0
     b._keys = OrderedDict()
-    def lmk_object(label: str) -> _FakeLmk:
+    def lmk_object(label: str, *, token: bool = False) -> _FakeLmk:
         return _FakeLmk(label, calls)
 
     def create_des(value: bytes, *, token: bool) -> str:
