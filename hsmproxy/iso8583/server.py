@@ -202,6 +202,7 @@ class IsoConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._release: Callable[[], None] | None = None
         self._paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def busy(self) -> bool:
@@ -211,6 +212,9 @@ class IsoConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit (or refuse over ``max_connections``)."""
         self.transport = cast(asyncio.Transport, transport)
+        # once per connection: asyncio.get_running_loop() (and ensure_future without a loop) is a
+        # getpid() system call on Python 3.11
+        self._loop = asyncio.get_running_loop()
         peer = self.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self.listener.connections) >= self.listener.config.max_connections:
@@ -245,8 +249,9 @@ class IsoConnection(asyncio.Protocol):
             )
             self.transport.close()
             return
+        loop = self._loop or asyncio.get_running_loop()
         for frame in frames:
-            task = asyncio.ensure_future(self.listener.handle(frame, self))
+            task = loop.create_task(self.listener.handle(frame, self))
             self.tasks.add(task)
             task.add_done_callback(self._done)
         if not self._paused and len(self.tasks) >= self.listener.config.max_inflight:
@@ -268,7 +273,7 @@ class IsoConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
         self._out.append(encode_frame(raw, self.listener.config.framing))
 
     def _flush(self) -> None:
