@@ -225,7 +225,9 @@ class AuditWriter:
     sink: SyslogSink | None = None
     #: Keystore life-cycle records (:class:`KeyTrail`; started and stopped with the writer).
     keys: KeyTrail | None = None
-    _pending: list[dict[str, Any]] = field(default_factory=list)
+    #: Records waiting for a batch: dicts, or host-command records kept as they came (less than half the
+    #: memory of their dict while a backlog builds up) and turned into dicts when planned.
+    _pending: list[dict[str, Any] | CommandRecord] = field(default_factory=list)
     _seq: int = 0
     _prev: str = GENESIS
     _since_checkpoint: int = 0
@@ -323,27 +325,29 @@ class AuditWriter:
     # -- input -----------------------------------------------------------------------------------
 
     def observe(self, record: CommandRecord) -> None:
-        """Proxy observer: queue one ``hostcmd`` record (written at the next event-loop wake-up)."""
-        self._enqueue(
-            {
-                "kind": "hostcmd",
-                "tenant": record.tenant,
-                "client": record.peer,
-                "listener": record.listener,
-                "command": record.command,
-                "result": record.error,
-                "latency_ms": round(record.latency * 1000.0, 3),
-                "correlation": record.header.hex().upper(),
-                "node": record.node or None,
-                "key_ids": [{"key": key, "kcv": kcv} for key, kcv in record.key_ids],
-            }
-        )
+        """Proxy observer: queue one ``hostcmd`` record (written with the next batch)."""
+        self._enqueue(record)
+
+    @staticmethod
+    def _hostcmd_body(record: CommandRecord) -> dict[str, Any]:
+        return {
+            "kind": "hostcmd",
+            "tenant": record.tenant,
+            "client": record.peer,
+            "listener": record.listener,
+            "command": record.command,
+            "result": record.error,
+            "latency_ms": round(record.latency * 1000.0, 3),
+            "correlation": record.header.hex().upper(),
+            "node": record.node or None,
+            "key_ids": [{"key": key, "kcv": kcv} for key, kcv in record.key_ids],
+        }
 
     def event(self, kind: str, **fields: Any) -> None:
         """Queue a ``console`` or ``key`` record (fields: tenant, client, command, result, key_ids …)."""
         self._enqueue({"kind": kind, **fields})
 
-    def _enqueue(self, body: dict[str, Any]) -> None:
+    def _enqueue(self, body: dict[str, Any] | CommandRecord) -> None:
         if self._closed:
             return
         self._pending.append(body)
@@ -434,16 +438,18 @@ class AuditWriter:
                 cut = tail.rfind(b"\n") + 1
                 fh.truncate(size - len(tail) + cut)
 
-    def _plan(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _plan(self, batch: list[dict[str, Any] | CommandRecord]) -> list[dict[str, Any]]:
         """Number the batch, adding rotation (close/open) and checkpoint records where due."""
         out: list[dict[str, Any]] = []
         seq, since = self._seq, self._since_checkpoint
         cursor = self.key_cursor
-        rotate = self._rotation_due() and batch[0].get("kind") != "open"
+        first = batch[0]
+        rotate = self._rotation_due() and not (isinstance(first, dict) and first.get("kind") == "open")
+        now = _now()  # the batch's records are written together
 
         def add(body: dict[str, Any]) -> None:
             nonlocal seq, since, cursor
-            rec = {"seq": seq, "time": _now(), **body}
+            rec = {"seq": seq, "time": now, **body}
             if cursor is not None:
                 if "history_id" in rec:
                     cursor = max(cursor, int(rec["history_id"]))
@@ -458,7 +464,8 @@ class AuditWriter:
             self._rotate_to = f"{self.settings.path}.{stamp}.{seq}"
             add({"kind": "close", "reason": "rotate", "next_file": Path(self.settings.path).name})
             add({"kind": "open", "reason": "rotate", "previous_file": Path(self._rotate_to).name})
-        for body in batch:
+        for item in batch:
+            body = item if isinstance(item, dict) else self._hostcmd_body(item)
             add({"kind": "checkpoint", "count": seq} if body["kind"] == "checkpoint" else body)
             if since >= self.settings.checkpoint_every and body["kind"] != "close":
                 add({"kind": "checkpoint", "count": seq})
