@@ -19,18 +19,19 @@ never carry keys, PINs, PIN blocks or PANs (:class:`~hsmproxy.server.hostcmd.Com
 
 Chain: ``mac = HMAC-SHA256(audit key, canonical(record without "mac"))`` where the record includes
 ``prev`` = the previous record's MAC (64 zeros for seq 0), across rotated files too. The key is the
-token object ``hsmproxy-audit:<key_id>`` (``lmk load`` creates it); the writer collects the records
-of one event-loop wake-up and sends ONE ``audit_mac`` op per batch, the node chains the MACs
-(hsmproxy/ops/audit.py). While no node answers, records wait in memory (bounded by
-``max_pending``: beyond it the oldest batch is dropped and a ``gap`` is logged at ERROR).
+token object ``hsmproxy-audit:<key_id>`` (``lmk load`` creates it); the writer collects the
+records of ``linger`` seconds and sends ONE ``audit_mac`` op per batch, the node chains the MACs
+(hsmproxy/ops/audit.py); the batch is then one write and, per policy, one fsync in a thread.
+While no node answers, records wait in memory (bounded by ``max_pending``: beyond it the oldest
+batch is dropped and a ``gap`` is logged at ERROR).
 
 ``[audit]``: ``path`` (enables it), ``max_bytes`` (0: no size rotation), ``rotate_daily``,
 ``fsync`` = ``always`` (after each record) / ``batch`` (after each batch) / ``never``, ``key_id``,
-``checkpoint_every``, ``checkpoint_interval``, ``max_pending``, ``fail_closed`` (host commands answer
-``41`` while the pending queue is full or the file cannot be written) and ``[audit.syslog]``
-(:mod:`hsmproxy.audit_syslog`: every written record also goes to a SIEM). A rotated file is renamed
-``<path>.<UTC yyyymmddTHHMMSS>.<last seq>``; the size check runs per batch (a file may exceed
-``max_bytes`` by one batch).
+``checkpoint_every``, ``checkpoint_interval``, ``max_pending``, ``linger``, ``fail_closed`` (host
+commands answer ``41`` while the pending queue is full or the file cannot be written) and
+``[audit.syslog]`` (:mod:`hsmproxy.audit_syslog`: every written record also goes to a SIEM).
+A rotated file is renamed ``<path>.<UTC yyyymmddTHHMMSS>.<last seq>``; the size check runs per
+batch (a file may exceed ``max_bytes`` by one batch).
 
 :func:`verify_files` recomputes the chain (plain-mode MACs: each record's own ``prev``) and names
 the first problem: an edited record (MAC mismatch), a deleted record (seq gap), a reordered record
