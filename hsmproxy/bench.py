@@ -79,30 +79,11 @@ def build_requests(command: str, count: int, keys: str = "hot", seed: int = 1) -
 
 
 def _cc_requests(count: int, keys: str, seed: int) -> list[bytes]:
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-    from cryptography.hazmat.primitives.ciphers import Cipher, modes
-
-    from hsmproxy.keys.lmk import TEST_VARIANT_LMK
+    # Keys and PIN blocks come from the emulator's reference crypto (the public test LMK).
+    from emulator.crypto.cipher import tdes_ecb_encrypt
+    from emulator.crypto.lmk import TEST_LMK, adjust_parity, encrypt_key_under_lmk
 
     rng = random.Random(seed)
-    pair = bytearray(bytes.fromhex(TEST_VARIANT_LMK[3]))  # pair 06-07: ZPK, variant 0
-
-    def odd(key: bytes) -> bytes:
-        return bytes(b ^ (0 if bin(b).count("1") % 2 else 1) for b in key)
-
-    def ecb(key: bytes, data: bytes, decrypt: bool = False) -> bytes:
-        k = key + key[:8] if len(key) == 16 else key
-        c = Cipher(TripleDES(k), modes.ECB())
-        op = c.decryptor() if decrypt else c.encryptor()
-        return op.update(data) + op.finalize()
-
-    def under_lmk(key: bytes) -> bytes:
-        out = b""
-        for half, v in enumerate((0xA6, 0x5A)):
-            lmk = bytearray(pair)
-            lmk[8] ^= v
-            out += ecb(bytes(lmk), key[8 * half : 8 * half + 8])
-        return b"U" + out.hex().upper().encode()
 
     def one(src: bytes, dst: bytes) -> bytes:
         pin = "".join(rng.choice("0123456789") for _ in range(rng.randint(4, 8)))
@@ -110,23 +91,24 @@ def _cc_requests(count: int, keys: str, seed: int) -> list[bytes]:
         clear = bytes.fromhex(f"0{len(pin):X}{pin}".ljust(16, "F"))
         block = bytes(a ^ b for a, b in zip(clear, bytes.fromhex("0000" + account), strict=True))
         return (
-            b"CC" + under_lmk(src) + under_lmk(dst) + b"12" + ecb(src, block).hex().upper().encode()
-            + b"0101" + account.encode()
+            b"CC" + encrypt_key_under_lmk(TEST_LMK, "001", "U", src).encode()
+            + encrypt_key_under_lmk(TEST_LMK, "001", "U", dst).encode() + b"12"
+            + tdes_ecb_encrypt(src, block).hex().upper().encode() + b"0101" + account.encode()
         )  # fmt: skip
 
     if keys == "hot":
-        src, dst = odd(rng.randbytes(16)), odd(rng.randbytes(16))
+        src, dst = adjust_parity(rng.randbytes(16)), adjust_parity(rng.randbytes(16))
         return [one(src, dst) for _ in range(min(count, 512))]
-    return [one(odd(rng.randbytes(16)), odd(rng.randbytes(16))) for _ in range(count)]
+    return [one(adjust_parity(rng.randbytes(16)), adjust_parity(rng.randbytes(16))) for _ in range(count)]
 
 
-class _Conn(asyncio.Protocol):
-    def __init__(self, header_length: int, on_response: Any) -> None:
+class BenchConnection(asyncio.Protocol):
+    """A load-generator connection: every framed answer goes to ``on_response`` (also the ISO bench's)."""
+
+    def __init__(self, on_response: Any) -> None:
         self.framer = Framer(65535)
-        self.header_length = header_length
         self.on_response = on_response
         self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -134,10 +116,6 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for frame in self.framer.feed(data):
             self.on_response(frame)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
 
 
 async def run_bench(
@@ -173,7 +151,7 @@ async def run_bench(
     )
     latencies: list[float] = []
     state = LoadState()
-    conns: list[_Conn] = []
+    conns: list[BenchConnection] = []
     pending: list[dict[int, float]] = [{} for _ in range(connections)]
     counters = [0] * connections
 
@@ -219,8 +197,8 @@ async def run_bench(
     for ci in range(connections):
         handler = make_handler(ci)
 
-        def factory(h: Any = handler) -> _Conn:
-            return _Conn(header_length, h)
+        def factory(h: Any = handler) -> BenchConnection:
+            return BenchConnection(h)
 
         _, proto = await loop.create_connection(factory, host, port)
         conns.append(proto)
@@ -309,18 +287,18 @@ def _first_answer(fut: asyncio.Future[bytes]) -> Any:
     return on_response
 
 
-async def _open_idle(host: str, port: int, count: int, header_length: int) -> list[_Conn]:
+async def _open_idle(host: str, port: int, count: int, header_length: int) -> list[BenchConnection]:
     """``count`` connections that each answered one NC (in batches, so a backlog never overflows)."""
     loop = asyncio.get_running_loop()
-    opened: list[_Conn] = []
+    opened: list[BenchConnection] = []
     for first in range(0, count, 100):
         answers: list[asyncio.Future[bytes]] = []
         for _ in range(first, min(count, first + 100)):
             answer: asyncio.Future[bytes] = loop.create_future()
             answers.append(answer)
 
-            def factory(a: asyncio.Future[bytes] = answer) -> _Conn:
-                return _Conn(header_length, _first_answer(a))
+            def factory(a: asyncio.Future[bytes] = answer) -> BenchConnection:
+                return BenchConnection(_first_answer(a))
 
             _, proto = await loop.create_connection(factory, host, port)
             assert proto.transport is not None

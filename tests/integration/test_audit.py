@@ -11,7 +11,6 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from hsmproxy.keys.lmk import TEST_AUDIT_KEY
 from hsmproxy.keys.store import KeyRecord, KeyState, KeyStore
 from tests.integration.conftest import HsmClient
 from tests.integration.proxy_env import make_nodes, start_proxy
+from tests.integration.test_console_admin import wait_for
 from tests.integration.test_proxy_basic import ZPK_A, ZPK_B, _enc
 
 PAN = "4012345678909"
@@ -212,7 +212,7 @@ def test_no_secret_in_the_audit_file(audited: tuple[Path, Path, list[bytes]], si
 def test_the_siem_gets_every_record(audited: tuple[Path, Path, list[bytes]], siem: SiemReceiver) -> None:
     _, path, _ = audited
     lines = path.read_bytes().splitlines()
-    _wait_for(lambda: len(siem.messages()) >= len(lines))
+    wait_for(lambda: len(siem.messages()) >= len(lines))
     messages = siem.messages()
     assert len(messages) == len(lines)
     for message, line in zip(messages, lines, strict=True):
@@ -243,13 +243,6 @@ def _keys_cli(config: Path, *args: str) -> None:
         check=False, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-
-
-def _wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _key_records(path: Path) -> list[dict[str, Any]]:
@@ -283,7 +276,7 @@ def test_key_lifecycle_steps_are_audited_exactly_once(tmp_path: Path) -> None:
     settings = load_settings(config)
     rp = start_proxy(settings)
     try:
-        _wait_for(lambda: len(_key_records(audit_path)) == 1)  # made before the proxy ran
+        wait_for(lambda: len(_key_records(audit_path)) == 1)  # made before the proxy ran
         client = HsmClient("127.0.0.1", rp.port)
         try:
             assert client.call(_cc_request(za.encode(), zx, block))[:4] == b"CD00"
@@ -291,13 +284,13 @@ def test_key_lifecycle_steps_are_audited_exactly_once(tmp_path: Path) -> None:
             client.close()
         _keys_cli(config, "suspend")  # other processes change the keystore while the proxy runs
         _keys_cli(config, "resume")
-        _wait_for(lambda: len(_key_records(audit_path)) == 3)
+        wait_for(lambda: len(_key_records(audit_path)) == 3)
     finally:
         rp.stop()
     _keys_cli(config, "revoke", "--reason", "compromised")  # while no proxy runs
     rp = start_proxy(settings)
     try:
-        _wait_for(lambda: len(_key_records(audit_path)) >= 4)
+        wait_for(lambda: len(_key_records(audit_path)) >= 4)
         client = HsmClient("127.0.0.1", rp.port)
         try:  # the revoked key is refused, and the record says which key it was
             assert client.call(_cc_request(za.encode(), zx, block))[:4] == b"CD29"

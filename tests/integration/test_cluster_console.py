@@ -13,6 +13,7 @@ import pytest
 from hsmproxy.config import load_settings
 from tests.integration.conftest import HsmClient
 from tests.integration.proxy_env import RunningProxy, start_proxy
+from tests.integration.test_console_admin import rows as table_rows
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +57,6 @@ def console(admin_proxy: RunningProxy) -> Iterator[Console]:
     c.close()
 
 
-def _rows(lines: list[str]) -> list[dict[str, str]]:
-    """Parse a console table (columns start where the header's words start)."""
-    header = lines[0]
-    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
-    names = header.split()
-    out = []
-    for line in lines[1:]:
-        bounds = [*starts[1:], None]
-        out.append({n: line[s:e].strip() for n, s, e in zip(names, starts, bounds, strict=True)})
-    return out
-
-
 def _http(port: int, request: str) -> tuple[int, str]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(request.encode())
@@ -93,7 +82,7 @@ def test_help_and_unknown_commands(console: Console) -> None:
 
 
 def test_show_nodes(console: Console, admin_proxy: RunningProxy) -> None:
-    rows = _rows(console.cmd("SHOW NODES"))
+    rows = table_rows(console.cmd("SHOW NODES"))
     assert [r["NAME"] for r in rows] == [n.name for n in admin_proxy.proxy.nodes]
     for r in rows:
         assert r["ADMIN"] == "READY" and r["OPER"] == "UP" and r["WEIGHT"] == "1" and r["BACKUP"] == "no"
@@ -106,7 +95,7 @@ def test_drain_and_history(console: Console, admin_proxy: RunningProxy) -> None:
     router = admin_proxy.proxy.router
     assert router is not None
     assert console.cmd("SET NODE node-a STATE DRAIN firmware upgrade") == ["OK node-a READY -> DRAIN"]
-    row = _rows(console.cmd("show nodes"))[0]
+    row = table_rows(console.cmd("show nodes"))[0]
     assert row["ADMIN"] == "DRAIN" and "firmware upgrade" in row["REASON"]
     before = router.state("node-a").requests
     client = HsmClient("127.0.0.1", admin_proxy.port)
@@ -116,14 +105,14 @@ def test_drain_and_history(console: Console, admin_proxy: RunningProxy) -> None:
     finally:
         client.close()
     assert router.state("node-a").requests == before, "a DRAIN node got new requests"
-    history = _rows(console.cmd("SHOW HISTORY node-a"))
+    history = table_rows(console.cmd("SHOW HISTORY node-a"))
     assert history[-1]["WHAT"] == "admin" and history[-1]["FROM"] == "READY" and history[-1]["TO"] == "DRAIN"
     assert "firmware upgrade (by console 127.0.0.1:" in history[-1]["REASON"]
     assert console.cmd("SET NODE node-a STATE READY done") == ["OK node-a DRAIN -> READY"]
 
 
 def test_show_tenants(console: Console, admin_proxy: RunningProxy) -> None:
-    rows = {r["NAME"]: r for r in _rows(console.cmd("SHOW TENANTS"))}
+    rows = {r["NAME"]: r for r in table_rows(console.cmd("SHOW TENANTS"))}
     assert set(rows) == set(admin_proxy.proxy.settings.tenants)
     assert rows["default"]["LMK_IDS"] == "00,01" and rows["default"]["DEFAULT_LMK"] == "00"
 
