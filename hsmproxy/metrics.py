@@ -28,7 +28,8 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
 * from the node workers (refreshed by a background task every ``refresh_interval`` seconds, the
   last answer is served): ``hsmproxy_node_key_cache_hits_total{node}``,
   ``hsmproxy_node_key_cache_misses_total{node}`` (hit ratio = hits / (hits + misses)),
-  ``hsmproxy_node_fallback_unwraps_total{node}``, ``hsmproxy_node_native_unwraps_total{node}`` --
+  ``hsmproxy_node_fallback_unwraps_total{node}``, ``hsmproxy_node_native_unwraps_total{node}``,
+  ``hsmproxy_node_module_reinits_total{node}`` (SoftHSM2 re-initialised to free memory) --
   these restart from 0 with the worker, which Prometheus' ``rate()`` treats as a counter reset;
 * with a ``[keystore]`` (refreshed by the same task): ``hsmproxy_keys{state}``,
   ``hsmproxy_keys_pending_rotation``, ``hsmproxy_keys_expiring{within="7d"|"30d"}``;
@@ -85,6 +86,7 @@ WORKER_STATS = (
     ("cache_misses", "key_cache_misses", "Working-key handle cache misses in the node worker."),
     ("fallback_imports", "fallback_unwraps", "Keys brought into the token by the fallback (clear) path."),
     ("native_unwraps", "native_unwraps", "Keys unwrapped natively by the token."),
+    ("module_reinits", "module_reinits", "PKCS#11 module re-initialisations (frees SoftHSM2 memory)."),
 )
 
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import struct
+from collections.abc import Callable
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -90,18 +91,20 @@ def worker_main(spec: NodeSpec, conn: Connection) -> None:
         return
     conn.send(("ready", {"pid": os.getpid(), **asdict(backend.info)}))
     try:
-        serve(backend, conn.fileno())
+        serve(backend, conn.fileno(), spec.read_pin)
     finally:
         backend.close()
         conn.close()
 
 
-def serve(backend: Pkcs11Backend, fd: int) -> None:
+def serve(backend: Pkcs11Backend, fd: int, read_pin: Callable[[], str] | None = None) -> None:
     """Answer the front on pipe ``fd`` until it sends ``None`` or closes.
 
     Every message that has arrived is read at once (one read, not two per message as
     multiprocessing's ``recv`` does) and the operations of all of them run as one batch with one
     reply: under load the batches grow and the front wakes once per batch, not per message.
+    Between batches the module is re-initialised when :meth:`Pkcs11Backend.reinit_due` says so
+    (``read_pin`` gives the PIN again; without it, never).
     """
     buf = bytearray()
     while True:
@@ -127,6 +130,7 @@ def serve(backend: Pkcs11Backend, fd: int) -> None:
                 stats = {
                     "fallback_imports": backend.fallback_imports, "native_unwraps": backend.native_unwraps,
                     "cache_hits": backend.cache_hits, "cache_misses": backend.cache_misses,
+                    "module_reinits": backend.module_reinits,
                 }  # fmt: skip
                 _send(fd, ("stats", stats))
             else:
@@ -135,6 +139,8 @@ def serve(backend: Pkcs11Backend, fd: int) -> None:
             _send(fd, run_batch(backend, batch))
         if stop:
             return
+        if read_pin is not None and backend.reinit_due():
+            backend.reinitialize(read_pin())
 
 
 def _send(fd: int, message: Any) -> None:
