@@ -31,7 +31,7 @@ def _backend(native: bool, strict: bool = False) -> tuple[Pkcs11Backend, list[tu
     b.native_unwrap = native
     b.strict_key_custody = strict
     b.cache_size = 8
-    b.cache_hits = b.cache_misses = b.fallback_imports = b.native_unwraps = 0
+    b.cache_hits = b.cache_misses = b.fallback_imports = b.native_unwraps = b._newest_handle = 0
     b._keys = OrderedDict()
     def lmk_object(label: str, *, token: bool = False) -> _FakeLmk:
         return _FakeLmk(label, calls)
