@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import itertools
@@ -217,6 +218,54 @@ def test_records_dropped_while_no_node_answers_leave_a_gap_record(tmp_path: Path
     assert [r["correlation"] for r in recs[1:4]] == ["30303032", "30303033", "30303034"]
     report = _verify(path)
     assert report.ok and report.gaps == [(str(path), 1, 0, 3, "queue overflow")]
+
+
+def test_queued_hostcmd_records_are_not_rescanned_by_the_collector(tmp_path: Path) -> None:
+    # A backlog of 100,000 tracked records made the front spend most of its time in collections
+    # under overload (nodes then timed out and were ejected); untracked tuples cost nothing there.
+    async def main() -> None:
+        w = AuditWriter(AuditSettings(str(tmp_path / "audit.jsonl")), software_chain_mac(KEY))
+        await w.start()
+        keys = (("default/zpk-a@2", "1A2B3C"),)
+        w.observe(CommandRecord("host", "default", "10.0.0.1:1", "CC", "00", 0.002, b"0001", "node-b", keys))
+        gc.collect()
+        assert not gc.is_tracked(w._pending[-1])
+        await w.stop()
+
+    asyncio.run(main())
+
+
+def test_records_dropped_while_a_batch_is_being_maced_are_newer_ones_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    good = software_chain_mac(KEY)
+    release = asyncio.Event()
+
+    async def slow(prev: str, bodies: list[str], slot: str) -> list[str]:
+        await release.wait()
+        return await good(prev, bodies, slot)
+
+    async def main() -> AuditWriter:
+        w = AuditWriter(AuditSettings(str(path), max_pending=3, linger=0.0), slow)
+        release.set()
+        await w.start()  # writes the "open" record
+        release.clear()
+        for i in range(2):
+            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
+        await asyncio.sleep(0.01)  # the flush took records 0 and 1 and waits for the node
+        for i in range(2, 7):  # 5 more into a queue of 3: records 2 and 3 are dropped
+            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
+        release.set()
+        await w.stop()
+        return w
+
+    w = asyncio.run(main())
+    recs = [json.loads(line) for line in _lines(path)]
+    assert [r["kind"] for r in recs] == ["open", "hostcmd", "hostcmd", "gap", *["hostcmd"] * 3, "close"]
+    assert [r["correlation"] for r in recs if r["kind"] == "hostcmd"] == [
+        (b"%04d" % i).hex().upper() for i in (0, 1, 4, 5, 6)
+    ]
+    assert recs[3]["lost"] == 2 and w.dropped == 2
+    assert _verify(path).ok
 
 
 def test_key_trail_records_each_lifecycle_step_once_across_restarts(tmp_path: Path) -> None:
