@@ -374,6 +374,7 @@ class AuditWriter:
 
     def _trim(self) -> None:
         """Drop the oldest records beyond ``max_pending`` (counted; the next batch opens with a gap)."""
+        dropped = self.dropped
         while len(self._pending) > self.settings.max_pending:
             item = self._pending.popleft()  # a deque: O(1) per record (a list moved the whole queue)
             if isinstance(item, dict) and item.get("kind") == "gap":
@@ -381,7 +382,7 @@ class AuditWriter:
                 continue
             self._lost += 1
             self.dropped += 1
-        if self._drop_log.due() is not None:  # under sustained overload this would be one line per record
+        if self.dropped > dropped and self._drop_log.due() is not None:  # else a line per record
             log.error(
                 "audit: records dropped (no node answers audit_mac), the trail has a gap: %d so far",
                 self.dropped,

@@ -268,6 +268,38 @@ def test_records_dropped_while_a_batch_is_being_maced_are_newer_ones_and_counted
     assert _verify(path).ok
 
 
+def test_a_failed_batch_goes_back_in_order_and_a_dropped_gap_record_keeps_its_count(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    good = software_chain_mac(KEY)
+    up = True
+
+    async def flaky(prev: str, bodies: list[str], slot: str) -> list[str]:
+        if not up:
+            raise RuntimeError("no node")
+        return await good(prev, bodies, slot)
+
+    async def main() -> AuditWriter:
+        nonlocal up
+        w = AuditWriter(AuditSettings(str(path), max_pending=2, linger=0.0), flaky)
+        await w.start()
+        up = False
+        for i in range(4):  # records 0 and 1 are dropped
+            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
+        with pytest.raises(RuntimeError):
+            await w.flush()  # gap + 2 + 3 taken, not MACed, put back; the gap is over the limit
+        assert w.dropped == 2 and len(w._pending) == 2
+        up = True
+        await w.stop()
+        return w
+
+    w = asyncio.run(main())
+    recs = [json.loads(line) for line in _lines(path)]
+    assert [r["kind"] for r in recs] == ["open", "gap", "hostcmd", "hostcmd", "close"]
+    assert recs[1]["lost"] == 2 and w.dropped == 2
+    assert [r["correlation"] for r in recs[2:4]] == ["30303032", "30303033"]
+    assert _verify(path).ok
+
+
 def test_key_trail_records_each_lifecycle_step_once_across_restarts(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
