@@ -188,25 +188,31 @@ def test_node_and_named_keys_in_hostcmd_records(tmp_path: Path) -> None:
     assert _verify(path).ok
 
 
+class _Node:
+    """The software MAC provider as a node that does not answer while ``up`` is False."""
+
+    def __init__(self, up: bool) -> None:
+        self.up = up
+        self._good = software_chain_mac(KEY)
+
+    async def mac(self, prev: str, bodies: list[str], slot: str) -> list[str]:
+        if not self.up:
+            raise RuntimeError("no node")
+        return await self._good(prev, bodies, slot)
+
+
 def test_records_dropped_while_no_node_answers_leave_a_gap_record(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    good = software_chain_mac(KEY)
-    up = False
-
-    async def flaky(prev: str, bodies: list[str], slot: str) -> list[str]:
-        if not up:
-            raise RuntimeError("no node")
-        return await good(prev, bodies, slot)
+    node = _Node(up=False)
 
     async def main() -> AuditWriter:
-        nonlocal up
-        w = AuditWriter(AuditSettings(str(path), max_pending=3, fail_closed=True), flaky)
+        w = AuditWriter(AuditSettings(str(path), max_pending=3, fail_closed=True), node.mac)
         await w.start()
         assert w.accepting
         for i in range(5):
             w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
         assert not w.accepting and w.dropped == 3  # open + 4 records did not fit in 3
-        up = True
+        node.up = True
         await w.flush()
         assert w.accepting
         await w.stop()
@@ -271,25 +277,18 @@ def test_records_dropped_while_a_batch_is_being_maced_are_newer_ones_and_counted
 
 def test_a_failed_batch_goes_back_in_order_and_a_dropped_gap_record_keeps_its_count(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    good = software_chain_mac(KEY)
-    up = True
-
-    async def flaky(prev: str, bodies: list[str], slot: str) -> list[str]:
-        if not up:
-            raise RuntimeError("no node")
-        return await good(prev, bodies, slot)
+    node = _Node(up=True)
 
     async def main() -> AuditWriter:
-        nonlocal up
-        w = AuditWriter(AuditSettings(str(path), max_pending=2, linger=0.0), flaky)
+        w = AuditWriter(AuditSettings(str(path), max_pending=2, linger=0.0), node.mac)
         await w.start()
-        up = False
+        node.up = False
         for i in range(4):  # records 0 and 1 are dropped
             w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
         with pytest.raises(RuntimeError):
             await w.flush()  # gap + 2 + 3 taken, not MACed, put back; the gap is over the limit
         assert w.dropped == 2 and len(w._pending) == 2
-        up = True
+        node.up = True
         await w.stop()
         return w
 
