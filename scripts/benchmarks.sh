@@ -26,7 +26,20 @@ for port in 1599 1501 1500 8583; do
 done
 sleep 2
 row() { echo "\$ hsmproxy bench $*"; $HP bench "$@"; }
+# resident memory of the front and its workers while 1,000 idle connections are open (and 8 busy)
+idle_rss() {
+  $HP bench --target 127.0.0.1:1500 --command CC --connections 8 --depth 1 --idle 1000 --duration "$D" > "$TMP/idle" &
+  local idle=$! workers rss
+  sleep $((D / 2 + 3))
+  workers=$(pgrep -P "$PROXY" | paste -sd, -)
+  rss=$(ps -o rss= -p "$PROXY,$workers" | awk '{s += $1} END {printf "%.0f", s / 1024}')
+  wait $idle
+  echo "\$ hsmproxy bench --target 127.0.0.1:1500 --command CC --connections 8 --depth 1 --idle 1000 --duration $D"
+  cat "$TMP/idle"
+  echo "RSS front + workers with 1,000 idle connections (and 8 busy), $1: ${rss} MB"
+}
 echo "## $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores, $(uname -r), commit $(git rev-parse --short HEAD), audit $AUDIT"
+idle_rss "fresh (hot keys only)"
 for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 1 --duration "$D"; done
 for t in 127.0.0.1:1599 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 8 --duration "$D"; done
 for t in 127.0.0.1:1501 127.0.0.1:1500; do row --target $t --command CC --connections 8 --depth 4 --keys cold --duration "$D"; done
@@ -38,16 +51,7 @@ row --target 127.0.0.1:1500 --command CC --rate 5000 --connections 8 --duration 
 row --target 127.0.0.1:1500 --command CC --rate 10000 --connections 16 --duration "${OPEN_SECONDS:-60}"
 # let the proxy drain what the overload left queued before the idle row asks NC on 1,000 connections
 for _ in $(seq 30); do $HP bench --target 127.0.0.1:1500 --command NC --connections 1 --depth 1 --duration 0.5 2>/dev/null | grep -q "errors 0" && break; sleep 1; done
-# resident memory of the front and its workers while 1,000 idle connections are open
-$HP bench --target 127.0.0.1:1500 --command CC --connections 8 --depth 1 --idle 1000 --duration "$D" > "$TMP/idle" &
-IDLE=$!
-sleep $((D / 2 + 3))
-workers=$(pgrep -P "$PROXY" | paste -sd, -)
-rss=$(ps -o rss= -p "$PROXY,$workers" | awk '{s += $1} END {printf "%.0f", s / 1024}')
-wait $IDLE
-echo "\$ hsmproxy bench --target 127.0.0.1:1500 --command CC --connections 8 --depth 1 --idle 1000 --duration $D"
-cat "$TMP/idle"
-echo "RSS front + workers with 1,000 idle connections (and 8 busy): ${rss} MB"
+idle_rss "end of run (both key caches full)"
 if [ "$AUDIT" != off ]; then
   echo "audit records written during the run: $(cat "$TMP"/audit/audit.jsonl* | wc -l)"
 fi
