@@ -74,9 +74,6 @@ GENESIS = "0" * 64
 FSYNC_POLICIES = ("always", "batch", "never")
 #: Most records sent in one ``audit_mac`` op.
 MAX_BATCH = 1000
-#: Most records per ``audit_mac`` op: a batch is MACed in chunks, one after the other, so that
-#: neither the front's encoding nor the node's HMACs hold up requests for long at a time.
-MAC_CHUNK = 32
 
 #: Chained MACs: (prev, bodies, slot) -> MACs. Each body is the canonical text of a record without
 #: ``mac`` whose ``prev`` value is ``slot`` (64 hex digits, random per writer); the node replaces it
@@ -435,16 +432,8 @@ class AuditWriter:
                 # write (slots filled in) and, without the mac slot, the body the node MACs.
                 mac_slot, prev_slot = self._slots
                 cut = f'"mac":"{mac_slot}",'
-                texts: list[str] = []
-                macs: list[str] = []
-                for start in range(0, len(records), MAC_CHUNK):
-                    chunk = [
-                        canonical({**r, "mac": mac_slot, "prev": prev_slot}).decode()
-                        for r in records[start : start + MAC_CHUNK]
-                    ]
-                    texts += chunk
-                    prev = macs[-1] if macs else self._prev
-                    macs += await self.mac(prev, [t.replace(cut, "", 1) for t in chunk], prev_slot)
+                texts = [canonical({**r, "mac": mac_slot, "prev": prev_slot}).decode() for r in records]
+                macs = await self.mac(self._prev, [t.replace(cut, "", 1) for t in texts], prev_slot)
             except BaseException:  # not MACed (no node, cancelled): back in front, in order
                 self._pending.extendleft(reversed(batch))
                 self._trim()

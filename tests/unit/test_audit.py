@@ -16,7 +16,6 @@ import pytest
 
 from hsmproxy.audit import (
     GENESIS,
-    MAC_CHUNK,
     AuditSettings,
     AuditWriter,
     VerifyReport,
@@ -297,33 +296,6 @@ def test_a_failed_batch_goes_back_in_order_and_a_dropped_gap_record_keeps_its_co
     assert [r["kind"] for r in recs] == ["open", "gap", "hostcmd", "hostcmd", "close"]
     assert recs[1]["lost"] == 2 and w.dropped == 2
     assert [r["correlation"] for r in recs[2:4]] == ["30303032", "30303033"]
-    assert _verify(path).ok
-
-
-def test_a_large_batch_is_maced_in_chained_chunks(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    good = software_chain_mac(KEY)
-    calls: list[tuple[str, int]] = []
-
-    async def counting(prev: str, bodies: list[str], slot: str) -> list[str]:
-        calls.append((prev, len(bodies)))
-        return await good(prev, bodies, slot)
-
-    async def main() -> None:
-        w = AuditWriter(AuditSettings(str(path), linger=0.05), counting)
-        await w.start()
-        for i in range(100):  # one batch (they arrive within the linger)
-            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
-        await asyncio.sleep(0.2)
-        await w.stop()
-
-    asyncio.run(main())
-    recs = [json.loads(line) for line in _lines(path)]
-    sizes = [n for _, n in calls]
-    assert sizes[1:5] == [MAC_CHUNK, MAC_CHUNK, MAC_CHUNK, 100 - 3 * MAC_CHUNK]  # after the "open" record
-    # each chunk's op continues from the MAC of the previous chunk's last record
-    macs = [r["mac"] for r in recs]
-    assert [p for p, _ in calls[2:5]] == [macs[k * MAC_CHUNK] for k in (1, 2, 3)]
     assert _verify(path).ok
 
 
