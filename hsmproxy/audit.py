@@ -235,6 +235,7 @@ class AuditWriter:
     #: into dicts when planned.
     _pending: deque[dict[str, Any] | _HostcmdItem] = field(default_factory=deque)
     _seq: int = 0
+    _mac_ok: bool = True  # the last audit_mac attempt succeeded
     _prev: str = GENESIS
     _since_checkpoint: int = 0
     _last_checkpoint: float = 0.0
@@ -262,6 +263,18 @@ class AuditWriter:
     def accepting(self) -> bool:
         """False while the pending queue is full or the file cannot be written (``fail_closed`` gate)."""
         return not self.failing and len(self._pending) < self.settings.max_pending
+
+    @property
+    def behind(self) -> bool:
+        """True while nodes MAC records but half of ``max_pending`` wait: more traffic than the trail
+        can take (overload), not a failing trail. Host commands are then shed rather than records lost."""
+        return self._mac_ok and len(self._pending) >= max(1, self.settings.max_pending // 2)
+
+    @property
+    def admits(self) -> bool:
+        """The router's gate for host commands: not while :attr:`behind`, nor (``fail_closed``) while
+        the trail cannot take records."""
+        return not self.behind and (self.accepting or not self.settings.fail_closed)
 
     def room(self) -> int:
         """How many more records fit in the pending queue before the oldest would be dropped."""
@@ -434,10 +447,13 @@ class AuditWriter:
                 cut = f'"mac":"{mac_slot}",'
                 texts = [canonical({**r, "mac": mac_slot, "prev": prev_slot}).decode() for r in records]
                 macs = await self.mac(self._prev, [t.replace(cut, "", 1) for t in texts], prev_slot)
-            except BaseException:  # not MACed (no node, cancelled): back in front, in order
+            except BaseException as exc:  # not MACed (no node, cancelled): back in front, in order
                 self._pending.extendleft(reversed(batch))
                 self._trim()
+                if not isinstance(exc, asyncio.CancelledError):
+                    self._mac_ok = False  # fail open: keep serving, drop the oldest when full
                 raise
+            self._mac_ok = True
             try:
                 if self._write(records, macs, texts):
                     # Off the event loop: requests keep flowing while the disk syncs, and the records
@@ -699,15 +715,14 @@ class KeyTrail:
 
 def proxy_audit(settings: AuditSettings, router: Any, lifecycle: Any = None) -> AuditWriter:
     """The audit writer of a running proxy: node MACs through ``router``, a syslog sink when
-    configured, keystore life-cycle records when the proxy has a keystore (``lifecycle``), and the
-    ``fail_closed`` gate on the router."""
+    configured, keystore life-cycle records when the proxy has a keystore (``lifecycle``), and its
+    gate on the router (:attr:`AuditWriter.admits`)."""
     keys = None
     if lifecycle is not None:
         keys = KeyTrail(lifecycle.store, lifecycle.refused.named)
     sink = SyslogSink(settings.syslog) if settings.syslog is not None else None
     writer = AuditWriter(settings, router_chain_mac(router, settings.key_id), sink=sink, keys=keys)
-    if settings.fail_closed:
-        router.gate = lambda: writer.accepting
+    router.gate = lambda: writer.admits
     return writer
 
 

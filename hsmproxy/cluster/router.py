@@ -76,7 +76,8 @@ class Overloaded(NoNodeAvailable):
 
 
 class AuditUnavailable(NoNodeAvailable):
-    """``[audit] fail_closed``: the audit trail cannot take records, so host commands get no node."""
+    """The audit trail cannot take the record a host command would write (it is behind under overload,
+    or ``[audit] fail_closed`` and failing), so the command gets no node (``41``)."""
 
 
 class Backend(Protocol):
@@ -143,7 +144,7 @@ class Router:
         self._budget_requests = 0
         #: "Last eligible node" warnings, at most one a second per node.
         self._quiet: dict[str, LogThrottle] = {n.name: LogThrottle() for n in self.nodes}
-        #: ``[audit] fail_closed``: host-command operations run only while this returns True.
+        #: The audit trail's gate (``AuditWriter.admits``): host-command operations run only while it is True.
         self.gate: Callable[[], bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests run on (one per process)
         self._costs: dict[str, dict[str, float]] = {}
@@ -279,7 +280,7 @@ class Router:
         outer: asyncio.Future[tuple[str, Any]] = loop.create_future()
         note = REQUEST_NOTE.get()  # a host command's audit note (read now: callbacks run elsewhere)
         if note is not None and self.gate is not None and not self.gate():
-            outer.set_exception(AuditUnavailable("the audit trail cannot take records (fail_closed)"))
+            outer.set_exception(AuditUnavailable("the audit trail cannot take records now"))
             return outer
         try:
             node = self.pick(affinity, shed=shed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import hmac
@@ -297,6 +298,57 @@ def test_a_failed_batch_goes_back_in_order_and_a_dropped_gap_record_keeps_its_co
     assert recs[1]["lost"] == 2 and w.dropped == 2
     assert [r["correlation"] for r in recs[2:4]] == ["30303032", "30303033"]
     assert _verify(path).ok
+
+
+def test_host_commands_are_shed_while_a_working_trail_is_half_full_not_while_it_fails(tmp_path: Path) -> None:
+    good = software_chain_mac(KEY)
+    release = asyncio.Event()
+    node = _Node(up=True)
+
+    async def slow(prev: str, bodies: list[str], slot: str) -> list[str]:
+        await release.wait()
+        return await good(prev, bodies, slot)
+
+    def record(i: int) -> CommandRecord:
+        return CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i)
+
+    async def overloaded() -> list[bool]:
+        w = AuditWriter(AuditSettings(str(tmp_path / "a.jsonl"), max_pending=10, linger=0.0), slow)
+        release.set()
+        await w.start()
+        release.clear()
+        w.observe(record(0))
+        await asyncio.sleep(0.01)  # record 0 is with the node, which is slow
+        seen = [w.admits]
+        for i in range(1, 6):
+            w.observe(record(i))
+            seen.append(w.admits)  # 5 of 10 waiting: behind
+        release.set()
+        await w.flush()
+        seen.append(w.admits)  # caught up
+        await w.stop()
+        return seen
+
+    async def failing(fail_closed: bool) -> list[bool]:
+        w = AuditWriter(AuditSettings(str(tmp_path / f"{fail_closed}.jsonl"), max_pending=4, linger=0.0,
+                                      fail_closed=fail_closed), node.mac)  # fmt: skip
+        await w.start()
+        node.up = False
+        seen = []
+        for i in range(6):
+            w.observe(record(i))
+            with contextlib.suppress(RuntimeError):
+                await w.flush()
+            seen.append(w.admits)
+        node.up = True
+        await w.stop()
+        return seen
+
+    assert asyncio.run(overloaded()) == [True] * 5 + [False, True]  # behind at 5 waiting
+    # no node MACs: fail open keeps serving (the oldest records are dropped, with a gap record);
+    # fail closed refuses once the queue is full
+    assert asyncio.run(failing(False)) == [True] * 6
+    assert asyncio.run(failing(True)) == [True, True, True, False, False, False]
 
 
 def test_key_trail_records_each_lifecycle_step_once_across_restarts(tmp_path: Path) -> None:
