@@ -23,12 +23,15 @@ token object ``hsmproxy-audit:<key_id>`` (``lmk load`` creates it); the writer c
 records of ``linger`` seconds and sends ONE ``audit_mac`` op per batch, the node chains the MACs
 (hsmproxy/ops/audit.py); the batch is then one write and, per policy, one fsync in a thread.
 While no node answers, records wait in memory (bounded by ``max_pending``: beyond it the oldest
-batch is dropped and a ``gap`` is logged at ERROR).
+records are dropped, logged at ERROR, and a ``gap`` record says how many). While nodes answer but
+half of ``max_pending`` records wait (traffic faster than the trail), host commands are shed (``41``)
+through the router's gate (:attr:`AuditWriter.admits`) rather than records lost.
 
 ``[audit]``: ``path`` (enables it), ``max_bytes`` (0: no size rotation), ``rotate_daily``,
 ``fsync`` = ``always`` (after each record) / ``batch`` (after each batch) / ``never``, ``key_id``,
-``checkpoint_every``, ``checkpoint_interval``, ``max_pending``, ``linger``, ``fail_closed`` (host
-commands answer ``41`` while the pending queue is full or the file cannot be written) and
+``checkpoint_every``, ``checkpoint_interval``, ``max_pending`` (at least 1,000), ``linger``,
+``fail_closed`` (host commands answer ``41`` while the pending queue is full or the file cannot be
+written) and
 ``[audit.syslog]`` (:mod:`hsmproxy.audit_syslog`: every written record also goes to a SIEM).
 A rotated file is renamed ``<path>.<UTC yyyymmddTHHMMSS>.<last seq>``; the size check runs per
 batch (a file may exceed ``max_bytes`` by one batch).
@@ -74,6 +77,8 @@ GENESIS = "0" * 64
 FSYNC_POLICIES = ("always", "batch", "never")
 #: Most records sent in one ``audit_mac`` op.
 MAX_BATCH = 1000
+#: Smallest ``max_pending`` a configuration may set (half of it is where host commands are shed).
+MIN_PENDING = 1000
 
 #: Chained MACs: (prev, bodies, slot) -> MACs. Each body is the canonical text of a record without
 #: ``mac`` whose ``prev`` value is ``slot`` (64 hex digits, random per writer); the node replaces it
@@ -153,10 +158,11 @@ def parse_audit_settings(data: dict[str, Any], base: Path) -> AuditSettings | No
         raise AuditConfigError(f"audit: {exc}") from None
     if s.fsync not in FSYNC_POLICIES:
         raise AuditConfigError(f"audit: fsync must be one of {', '.join(FSYNC_POLICIES)}")
-    if s.max_bytes < 0 or s.checkpoint_every < 1 or s.checkpoint_interval <= 0 or s.max_pending < 1:
-        raise AuditConfigError(
-            "audit: need max_bytes >= 0, checkpoint_every >= 1, checkpoint_interval > 0, max_pending >= 1"
-        )
+    if s.max_bytes < 0 or s.checkpoint_every < 1 or s.checkpoint_interval <= 0:
+        raise AuditConfigError("audit: need max_bytes >= 0, checkpoint_every >= 1, checkpoint_interval > 0")
+    if s.max_pending < MIN_PENDING:
+        # half of it is the overload gate: well above what the linger keeps waiting at full speed
+        raise AuditConfigError(f"audit: max_pending must be at least {MIN_PENDING}")
     if not 0 <= s.linger <= 1:
         raise AuditConfigError("audit: linger must be 0 to 1 seconds")
     return s

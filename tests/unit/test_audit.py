@@ -424,6 +424,7 @@ def test_hsmproxy_check_validates_the_audit_section(
         ('[audit]\npath = "a"\nmax_bytes = "big"\n', "audit: invalid literal"),
         ('[audit]\npath = "a"\nfail_closed = "yes"\n', "audit: fail_closed must be true or false"),
         ('[audit]\npath = "a"\ncheckpoint_every = 0\n', "checkpoint_every >= 1"),
+        ('[audit]\npath = "a"\nmax_pending = 100\n', "audit: max_pending must be at least 1000"),
         ('[audit]\npath = "a"\n[audit.syslog]\naddress = "x"\n', "audit.syslog: address must be HOST:PORT"),
     ]:
         config.write_text(base + section)
