@@ -24,12 +24,12 @@ records of ``linger`` seconds and sends ONE ``audit_mac`` op per batch, the node
 (hsmproxy/ops/audit.py); the batch is then one write and, per policy, one fsync in a thread.
 While no node answers, records wait in memory (bounded by ``max_pending``: beyond it the oldest
 records are dropped, logged at ERROR, and a ``gap`` record says how many). While nodes answer but
-half of ``max_pending`` records wait (traffic faster than the trail), host commands are shed (``41``)
-through the router's gate (:attr:`AuditWriter.admits`) rather than records lost.
+more than half of ``max_pending`` records wait (traffic faster than the trail), host commands that
+need a node are shed (``41``) through the router's gate (:attr:`AuditWriter.admits`).
 
 ``[audit]``: ``path`` (enables it), ``max_bytes`` (0: no size rotation), ``rotate_daily``,
 ``fsync`` = ``always`` (after each record) / ``batch`` (after each batch) / ``never``, ``key_id``,
-``checkpoint_every``, ``checkpoint_interval``, ``max_pending`` (at least 1,000), ``linger``,
+``checkpoint_every``, ``checkpoint_interval``, ``max_pending`` (at least 5,000), ``linger``,
 ``fail_closed`` (host commands answer ``41`` while the pending queue is full or the file cannot be
 written) and
 ``[audit.syslog]`` (:mod:`hsmproxy.audit_syslog`: every written record also goes to a SIEM).
@@ -77,8 +77,11 @@ GENESIS = "0" * 64
 FSYNC_POLICIES = ("always", "batch", "never")
 #: Most records sent in one ``audit_mac`` op.
 MAX_BATCH = 1000
-#: Smallest ``max_pending`` a configuration may set (half of it is where host commands are shed).
-MIN_PENDING = 1000
+#: Smallest ``max_pending`` a configuration may set: half of it, where host commands are shed, stays
+#: above what a healthy trail holds (a batch of at most MAX_BATCH with the node, MAX_BATCH waiting).
+MIN_PENDING = 5 * MAX_BATCH
+#: ``reason`` of the ``gap`` record for records dropped from a full queue.
+OVERFLOW = "queue overflow"
 
 #: Chained MACs: (prev, bodies, slot) -> MACs. Each body is the canonical text of a record without
 #: ``mac`` whose ``prev`` value is ``slot`` (64 hex digits, random per writer); the node replaces it
@@ -242,6 +245,8 @@ class AuditWriter:
     _pending: deque[dict[str, Any] | _HostcmdItem] = field(default_factory=deque)
     _seq: int = 0
     _mac_ok: bool = True  # the last audit_mac attempt succeeded
+    _inflight: int = 0  # records of the batch out with the node (still pending: counted as such)
+    _batch_full: asyncio.Event = field(default_factory=asyncio.Event)  # ends the linger early
     _prev: str = GENESIS
     _since_checkpoint: int = 0
     _last_checkpoint: float = 0.0
@@ -268,13 +273,14 @@ class AuditWriter:
     @property
     def accepting(self) -> bool:
         """False while the pending queue is full or the file cannot be written (``fail_closed`` gate)."""
-        return not self.failing and len(self._pending) < self.settings.max_pending
+        return not self.failing and self._waiting < self.settings.max_pending
 
     @property
     def behind(self) -> bool:
-        """True while nodes MAC records but half of ``max_pending`` wait: more traffic than the trail
-        can take (overload), not a failing trail. Host commands are then shed rather than records lost."""
-        return self._mac_ok and len(self._pending) >= max(1, self.settings.max_pending // 2)
+        """True while nodes MAC records but more than half of ``max_pending`` wait: more traffic than
+        the trail can take (overload), not a failing trail. Host commands are then shed (their answers
+        are still recorded), so the queue fills only under a flood far beyond capacity."""
+        return self._mac_ok and self._waiting > self.settings.max_pending // 2
 
     @property
     def admits(self) -> bool:
@@ -284,7 +290,12 @@ class AuditWriter:
 
     def room(self) -> int:
         """How many more records fit in the pending queue before the oldest would be dropped."""
-        return self.settings.max_pending - len(self._pending)
+        return self.settings.max_pending - self._waiting
+
+    @property
+    def _waiting(self) -> int:
+        """Records not yet written: queued, and the batch with the node (it comes back if not MACed)."""
+        return len(self._pending) + self._inflight
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -385,7 +396,9 @@ class AuditWriter:
         if self._closed:
             return
         self._pending.append(body)
-        if len(self._pending) > self.settings.max_pending:
+        if len(self._pending) >= MAX_BATCH:
+            self._batch_full.set()
+        if self._waiting > self.settings.max_pending:
             self._trim()
         if not self._scheduled:
             self._scheduled = True
@@ -394,7 +407,7 @@ class AuditWriter:
     def _trim(self) -> None:
         """Drop the oldest records beyond ``max_pending`` (counted; the next batch opens with a gap)."""
         dropped = self.dropped
-        while len(self._pending) > self.settings.max_pending:
+        while self._pending and self._waiting > self.settings.max_pending:
             item = self._pending.popleft()  # a deque: O(1) per record (a list moved the whole queue)
             if isinstance(item, dict) and item.get("kind") == "gap":
                 self._lost += int(item["lost"])  # a gap record dropped in turn: its count goes on
@@ -403,7 +416,7 @@ class AuditWriter:
             self.dropped += 1
         if self.dropped > dropped and self._drop_log.due() is not None:  # else a line per record
             log.error(
-                "audit: records dropped (no node answers audit_mac), the trail has a gap: %d so far",
+                "audit: records dropped (the pending queue is full), the trail has a gap: %d so far",
                 self.dropped,
             )
 
@@ -415,7 +428,10 @@ class AuditWriter:
     async def _flush_loop(self) -> None:
         while self._pending:
             if self.settings.linger > 0 and len(self._pending) < MAX_BATCH:
-                await asyncio.sleep(self.settings.linger)  # let the batch fill (group commit)
+                # let the batch fill (group commit), up to MAX_BATCH records
+                self._batch_full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), self.settings.linger)
             try:
                 await self.flush()
             except Exception as exc:  # no node, node error: keep the records, retry
@@ -440,11 +456,16 @@ class AuditWriter:
     async def _flush(self) -> None:
         while self._pending:
             if self._lost:  # records dropped before they got a seq: say so in the chain
-                self._pending.appendleft({"kind": "gap", "lost": self._lost, "reason": "queue overflow"})
+                head = self._pending[0]
+                if isinstance(head, dict) and head.get("kind") == "gap" and head["reason"] == OVERFLOW:
+                    head["lost"] = int(head["lost"]) + self._lost  # one gap, not two in a row
+                else:
+                    self._pending.appendleft({"kind": "gap", "lost": self._lost, "reason": OVERFLOW})
                 self._lost = 0
             # The batch leaves the queue while the node MACs it: records dropped meanwhile (queue
             # full) are newer ones, never records of this batch about to be written.
             batch = [self._pending.popleft() for _ in range(min(MAX_BATCH, len(self._pending)))]
+            self._inflight = len(batch)
             try:
                 records = self._plan(batch)
                 # One canonical encoding per record: its text with both MACs as slots is the line to
@@ -454,11 +475,13 @@ class AuditWriter:
                 texts = [canonical({**r, "mac": mac_slot, "prev": prev_slot}).decode() for r in records]
                 macs = await self.mac(self._prev, [t.replace(cut, "", 1) for t in texts], prev_slot)
             except BaseException as exc:  # not MACed (no node, cancelled): back in front, in order
+                self._inflight = 0
                 self._pending.extendleft(reversed(batch))
                 self._trim()
                 if not isinstance(exc, asyncio.CancelledError):
                     self._mac_ok = False  # fail open: keep serving, drop the oldest when full
                 raise
+            self._inflight = 0
             self._mac_ok = True
             try:
                 if self._write(records, macs, texts):

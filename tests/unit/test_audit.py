@@ -17,6 +17,7 @@ import pytest
 
 from hsmproxy.audit import (
     GENESIS,
+    MAX_BATCH,
     AuditSettings,
     AuditWriter,
     VerifyReport,
@@ -189,13 +190,17 @@ def test_node_and_named_keys_in_hostcmd_records(tmp_path: Path) -> None:
 
 
 class _Node:
-    """The software MAC provider as a node that does not answer while ``up`` is False."""
+    """The software MAC provider as a node that fails while ``up`` is False and answers only once
+    ``release`` is set (a slow node holding a batch)."""
 
-    def __init__(self, up: bool) -> None:
+    def __init__(self, up: bool = True) -> None:
         self.up = up
+        self.release = asyncio.Event()
+        self.release.set()
         self._good = software_chain_mac(KEY)
 
     async def mac(self, prev: str, bodies: list[str], slot: str) -> list[str]:
+        await self.release.wait()
         if not self.up:
             raise RuntimeError("no node")
         return await self._good(prev, bodies, slot)
@@ -244,22 +249,18 @@ def test_queued_hostcmd_records_are_not_rescanned_by_the_collector(tmp_path: Pat
 
 def test_records_dropped_while_a_batch_is_being_maced_are_newer_ones_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    good = software_chain_mac(KEY)
-    release = asyncio.Event()
-
-    async def slow(prev: str, bodies: list[str], slot: str) -> list[str]:
-        await release.wait()
-        return await good(prev, bodies, slot)
+    node = _Node()
+    release = node.release
 
     async def main() -> AuditWriter:
-        w = AuditWriter(AuditSettings(str(path), max_pending=3, linger=0.0), slow)
+        w = AuditWriter(AuditSettings(str(path), max_pending=3, linger=0.0), node.mac)
         release.set()
         await w.start()  # writes the "open" record
         release.clear()
         for i in range(2):
             w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
         await asyncio.sleep(0.01)  # the flush took records 0 and 1 and waits for the node
-        for i in range(2, 7):  # 5 more into a queue of 3: records 2 and 3 are dropped
+        for i in range(2, 7):  # 5 more while 2 of 3 places are with the node: 2 to 5 are dropped
             w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i))
         release.set()
         await w.stop()
@@ -267,11 +268,11 @@ def test_records_dropped_while_a_batch_is_being_maced_are_newer_ones_and_counted
 
     w = asyncio.run(main())
     recs = [json.loads(line) for line in _lines(path)]
-    assert [r["kind"] for r in recs] == ["open", "hostcmd", "hostcmd", "gap", *["hostcmd"] * 3, "close"]
+    assert [r["kind"] for r in recs] == ["open", "hostcmd", "hostcmd", "gap", "hostcmd", "close"]
     assert [r["correlation"] for r in recs if r["kind"] == "hostcmd"] == [
-        (b"%04d" % i).hex().upper() for i in (0, 1, 4, 5, 6)
+        (b"%04d" % i).hex().upper() for i in (0, 1, 6)
     ]
-    assert recs[3]["lost"] == 2 and w.dropped == 2
+    assert recs[3]["lost"] == 4 and w.dropped == 4
     assert _verify(path).ok
 
 
@@ -301,24 +302,20 @@ def test_a_failed_batch_goes_back_in_order_and_a_dropped_gap_record_keeps_its_co
 
 
 def test_host_commands_are_shed_while_a_working_trail_is_half_full_not_while_it_fails(tmp_path: Path) -> None:
-    good = software_chain_mac(KEY)
-    release = asyncio.Event()
-    node = _Node(up=True)
-
-    async def slow(prev: str, bodies: list[str], slot: str) -> list[str]:
-        await release.wait()
-        return await good(prev, bodies, slot)
+    node = _Node()
+    release = node.release
 
     def record(i: int) -> CommandRecord:
         return CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % i)
 
     async def overloaded() -> list[bool]:
-        w = AuditWriter(AuditSettings(str(tmp_path / "a.jsonl"), max_pending=10, linger=0.0), slow)
+        w = AuditWriter(AuditSettings(str(tmp_path / "a.jsonl"), max_pending=10, linger=0.0), node.mac)
         release.set()
         await w.start()
         release.clear()
         w.observe(record(0))
         await asyncio.sleep(0.01)  # record 0 is with the node, which is slow
+        assert w.room() == 9  # a batch with the node still takes room (it comes back if not MACed)
         seen = [w.admits]
         for i in range(1, 6):
             w.observe(record(i))
@@ -349,6 +346,24 @@ def test_host_commands_are_shed_while_a_working_trail_is_half_full_not_while_it_
     # fail closed refuses once the queue is full
     assert asyncio.run(failing(False)) == [True] * 6
     assert asyncio.run(failing(True)) == [True, True, True, False, False, False]
+
+
+def test_a_full_batch_ends_the_linger(tmp_path: Path) -> None:
+    # else a long linger would let records pile up past the overload gate on a healthy trail
+    async def main() -> int:
+        w = AuditWriter(AuditSettings(str(tmp_path / "a.jsonl"), linger=30.0), software_chain_mac(KEY))
+        await w.start()
+        for i in range(MAX_BATCH):
+            w.observe(CommandRecord("host", "default", "p", "CC", "00", 0.0, b"%04d" % (i % 10000)))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if w.written > MAX_BATCH:
+                break
+        written = w.written
+        await w.stop()
+        return written
+
+    assert asyncio.run(main()) > MAX_BATCH  # "open", the batch (and a checkpoint), long before 30 s
 
 
 def test_key_trail_records_each_lifecycle_step_once_across_restarts(tmp_path: Path) -> None:
@@ -424,7 +439,7 @@ def test_hsmproxy_check_validates_the_audit_section(
         ('[audit]\npath = "a"\nmax_bytes = "big"\n', "audit: invalid literal"),
         ('[audit]\npath = "a"\nfail_closed = "yes"\n', "audit: fail_closed must be true or false"),
         ('[audit]\npath = "a"\ncheckpoint_every = 0\n', "checkpoint_every >= 1"),
-        ('[audit]\npath = "a"\nmax_pending = 100\n', "audit: max_pending must be at least 1000"),
+        ('[audit]\npath = "a"\nmax_pending = 100\n', "audit: max_pending must be at least 5000"),
         ('[audit]\npath = "a"\n[audit.syslog]\naddress = "x"\n', "audit.syslog: address must be HOST:PORT"),
     ]:
         config.write_text(base + section)
