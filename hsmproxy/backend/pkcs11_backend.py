@@ -125,6 +125,16 @@ class Pkcs11Backend:
         #: Objects created after which :meth:`reinitialize` is due (0: never; see SOFTHSM_REINIT_AFTER).
         self.reinit_after = SOFTHSM_REINIT_AFTER if self.info.manufacturer.startswith("SoftHSM") else 0
 
+    def create_object(self, template: dict[Attribute, Any]) -> Any:
+        """``C_CreateObject`` in the worker's session, counted for :meth:`reinit_due`."""
+        return self.noted(self.session.create_object(template))
+
+    def noted(self, obj: Any) -> Any:
+        """``obj`` (a new object), its handle counted for :meth:`reinit_due` (SoftHSM2 numbers
+        objects in creation order, whatever creates them)."""
+        self._newest_handle = max(self._newest_handle, int(getattr(obj, "handle", 0)))
+        return obj
+
     def reinit_due(self) -> bool:
         """True when the module has created ``reinit_after`` objects since it was initialised."""
         return bool(self.reinit_after) and self._newest_handle >= self.reinit_after
@@ -235,7 +245,7 @@ class Pkcs11Backend:
         }
         if label is not None:
             template[Attribute.LABEL] = label
-        return self.session.create_object(template)
+        return self.create_object(template)
 
     def create_lmk_object(self, label: str, value: bytes, key_type: str = "des") -> None:
         """Create (or replace) one sensitive, non-extractable LMK token object. Ceremony only."""
@@ -337,8 +347,8 @@ class Pkcs11Backend:
 
     def _cache_put(self, cache_key: tuple[str, str, str], handle: Any) -> Any:
         self._keys[cache_key] = handle
-        for h in _handles(handle):
-            self._newest_handle = max(self._newest_handle, int(getattr(h, "handle", 0)))
+        for h in _handles(handle):  # also objects made by other means (unwrap, copy)
+            self.noted(h)
         if len(self._keys) > self.cache_size:
             _, old = self._keys.popitem(last=False)
             for h in _handles(old):
@@ -503,7 +513,7 @@ class Pkcs11Backend:
     def create_session_key(self, clear: bytes | bytearray, algorithm: str = "T") -> Any:
         """A sensitive session object from clear bytes held by this worker (derived keys)."""
         if algorithm == "A":
-            return self.session.create_object(
+            return self.create_object(
                 {
                     Attribute.CLASS: ObjectClass.SECRET_KEY,
                     Attribute.KEY_TYPE: KeyType.AES,

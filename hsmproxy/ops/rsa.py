@@ -136,6 +136,8 @@ def rsa_generate(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
         )
     except pkcs11.PKCS11Error:
         raise BackendError("43", "RSA key generation failed") from None
+    backend.noted(pub)
+    backend.noted(priv)
     try:
         n, e = (int.from_bytes(pub[x], "big") for x in (Attribute.MODULUS, Attribute.PUBLIC_EXPONENT))
         parts = [
@@ -195,7 +197,7 @@ def _private_key_object(backend: Pkcs11Backend, lmk_id: str, blob: bytes) -> Any
     """A sensitive private-key session object for ``blob`` (a private key under the LMK)."""
     numbers = _load_private_key(backend, lmk_id, blob)
     pub = numbers.public_numbers
-    key: Any = backend.session.create_object(
+    key: Any = backend.create_object(
         {
             Attribute.CLASS: ObjectClass.PRIVATE_KEY,
             Attribute.KEY_TYPE: KeyType.RSA,
@@ -240,7 +242,7 @@ def rsa_verify(backend: Pkcs11Backend, a: dict[str, Any]) -> OpResult:
     if not hmac.compare_digest(public_key_mac(backend, str(a["lmk_id"]), der), bytes(a["mac"])):
         return "01", {}
     numbers = decode_public_key(der)
-    key: Any = backend.session.create_object(
+    key: Any = backend.create_object(
         {
             Attribute.CLASS: ObjectClass.PUBLIC_KEY,
             Attribute.KEY_TYPE: KeyType.RSA,

@@ -121,6 +121,12 @@ def reinit(config: str) -> None:
     data = pickle.dumps(None)
     front.sendall(struct.pack("!i", len(data)) + data)
     t.join(10)
+    # objects made and destroyed without the cache (DUKPT, key-block keys) count as well
+    backend.reinit_after = backend._newest_handle + 20
+    due_before = backend.reinit_due()
+    for _ in range(25):
+        backend.create_session_key(adjust_parity(bytes(range(16)))).destroy()
+    out["uncached_objects_counted"] = (due_before, backend.reinit_due())
     out.update(
         requests_until_reinit=len(answers), handles_before=[a["handle"] for a in answers],
         cached_before=answers[-1]["cached"], first_ecb=answers[0]["ecb"], after=after,

@@ -78,3 +78,4 @@ def test_a_churning_worker_reinitialises_softhsm_and_keeps_answering(tmp_path: P
     # served after the re-initialisation and this one), the same key's same answer
     assert r["after"] == {"ecb": expected, "handle": r["after"]["handle"], "cached": 2}
     assert r["after"]["handle"] < 20
+    assert r["uncached_objects_counted"] == [False, True]
