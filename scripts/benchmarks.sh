@@ -20,7 +20,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 $HP bench --echo-server 127.0.0.1:1599 & pids+=($!)
 $HP --log-level WARNING emulator --listen 127.0.0.1:1501 & pids+=($!)
-$HP --log-level WARNING serve --config "$CONFIG" & PROXY=$!; pids+=($PROXY)
+$HP --log-level WARNING serve --config "$CONFIG" 2> >(tee "$TMP/proxy.log" >&2) & PROXY=$!; pids+=($PROXY)
 for port in 1599 1501 1500 8583; do
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
 done
@@ -52,6 +52,8 @@ row --target 127.0.0.1:1500 --command CC --rate 10000 --connections 16 --duratio
 # let the proxy drain what the overload left queued before the idle row asks NC on 1,000 connections
 for _ in $(seq 30); do $HP bench --target 127.0.0.1:1500 --command NC --connections 1 --depth 1 --duration 0.5 2>/dev/null | grep -q "errors 0" && break; sleep 1; done
 idle_rss "end of run (both key caches full)"
+echo "node ejections logged by the proxy: $(grep -c 'ejected for' "$TMP/proxy.log" || true)"
 if [ "$AUDIT" != off ]; then
-  echo "audit records written during the run: $(cat "$TMP"/audit/audit.jsonl* | wc -l)"
+  echo "audit records written during the run: $(cat "$TMP"/audit/audit.jsonl* | wc -l)," \
+    "gap records (records lost): $(cat "$TMP"/audit/audit.jsonl* | grep -c '"kind":"gap"' || true)"
 fi
