@@ -286,7 +286,7 @@ class AuditWriter:
     def admits(self) -> bool:
         """The router's gate for host commands: not while :attr:`behind`, nor (``fail_closed``) while
         the trail cannot take records."""
-        return not self.behind and (self.accepting or not self.settings.fail_closed)
+        return not self.behind and (not self.settings.fail_closed or self.accepting)
 
     def room(self) -> int:
         """How many more records fit in the pending queue before the oldest would be dropped."""

@@ -22,7 +22,6 @@ session object from it (counted in :attr:`Pkcs11Backend.fallback_imports`; refus
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hmac
 import os
 import re
@@ -639,11 +638,9 @@ def _handles(entry: Any) -> tuple[Any, ...]:
 
 def _trim_heap() -> None:
     """Give freed heap pages back to the system (glibc's malloc_trim; a no-op elsewhere)."""
-    name = ctypes.util.find_library("c")
-    if name:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols: libc's
+    if trim is not None:
+        trim(0)
 
 
 def default_module() -> str:

@@ -135,8 +135,9 @@ class Gateway:
         self.keys = keys
         self.tenant = tenant
         self.disabled = sorted(disabled_formats)
-        #: Warnings that can fire on every message are written at most once a second.
-        self._quiet = LogThrottle()
+        #: Warnings that can fire on every message are written at most once a second, each kind on its
+        #: own (one kind never hides another).
+        self._quiet_key, self._quiet_node, self._quiet_step = LogThrottle(), LogThrottle(), LogThrottle()
 
     # -- codec --------------------------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ class Gateway:
 
     def _key(self, name: str) -> KeyVersions | None:
         kv = self.keys.get(self.tenant.name, name)
-        if kv is None and (held := self._quiet.due()) is not None:  # per message: at most once a second
+        if kv is None and (held := self._quiet_key.due()) is not None:  # per message: at most once a second
             log.warning("iso8583 %s: named key %s/%s has no active version (%d such lines held back)",
                         self.listener.name, self.tenant.name, name, held)  # fmt: skip
         return kv
@@ -326,7 +327,7 @@ class Gateway:
         try:
             code, values = await self.router.execute("iso_translate", args, affinity)
         except (NoNodeAvailable, TimeoutError) as exc:
-            if (held := self._quiet.due()) is not None:  # under overload: at most one line a second
+            if (held := self._quiet_node.due()) is not None:  # under overload: at most one line a second
                 log.warning("iso8583 %s: no node could serve the message (%s; %d such lines held back)",
                             self.listener.name, type(exc).__name__, held)  # fmt: skip
             return None, SYSTEM_ERROR
@@ -336,7 +337,7 @@ class Gateway:
                 return None, route.mac_failure_code
             if stage == "pin":
                 return None, pin_error_code(code)
-            if (held := self._quiet.due()) is not None:
+            if (held := self._quiet_step.due()) is not None:
                 log.warning("iso8583 route %s: %s step failed on the node (%s; %d such lines held back)",
                             route.name, stage or "?", code, held)  # fmt: skip
             return None, SYSTEM_ERROR
