@@ -30,7 +30,7 @@ from hsmproxy.audit import (
     parse_audit_settings,
     software_chain_mac,
 )
-from hsmproxy.audit_syslog import SyslogSettings, SyslogSink
+from hsmproxy.audit.syslog import SyslogSettings, SyslogSink
 from hsmproxy.server.hostcmd import CommandRecord
 
 KEY = bytes(range(32))

@@ -32,7 +32,7 @@ need a node are shed (``41``) through the router's gate (:attr:`AuditWriter.admi
 ``checkpoint_every``, ``checkpoint_interval``, ``max_pending`` (at least 5,000), ``linger``,
 ``fail_closed`` (host commands answer ``41`` while the pending queue is full or the file cannot be
 written) and
-``[audit.syslog]`` (:mod:`hsmproxy.audit_syslog`: every written record also goes to a SIEM).
+``[audit.syslog]`` (:mod:`hsmproxy.audit.syslog`: every written record also goes to a SIEM).
 A rotated file is renamed ``<path>.<UTC yyyymmddTHHMMSS>.<last seq>``; the size check runs per
 batch (a file may exceed ``max_bytes`` by one batch).
 
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsmproxy.audit_syslog import SyslogConfigError, SyslogSettings, SyslogSink, parse_syslog_settings
+from hsmproxy.audit.syslog import SyslogConfigError, SyslogSettings, SyslogSink, parse_syslog_settings
 from hsmproxy.configutil import resolve_path
 from hsmproxy.logs import LogThrottle
 
