@@ -385,6 +385,35 @@ def key_cases() -> Iterable[Case]:
         kcv = kcv_tdes(clear)[:3].hex().upper()
         key_lmk = encrypt_key_under_lmk(TEST_LMK, key_type, "U", clear)
         yield case(f"{name}-a6", f"A6{key_type}{lmk('000', kbpk)}R{block}U", f"A7{error}{key_lmk}{kcv}")
+    yield from single_length_key_cases()
+
+
+def single_length_key_cases() -> Iterable[Case]:
+    """Single-length keys (scheme ``Z``) come back as the bare 16 hex characters, never ``Z`` + hex.
+
+    VECTORS 6's CVK A and CVK B imported (A6) and exported (A8) under the VECTORS 10 key as ZMK, a
+    single-length ZPK through FA, and CW with the two untagged A6 answers side by side as the legacy
+    CVK pair (CVV 561). Inputs are given both as ``Z`` + 16 hex and as 16 hex.
+    """
+    zmk = lmk("000", KEY_0123)
+    cvv_tail = "4123456789012345;8701101"
+    halves = {"a": KEY_0123[:8], "b": KEY_0123[8:]}
+    for half, clear in halves.items():
+        under_zmk = tdes_ecb_encrypt(KEY_0123, clear).hex().upper()
+        key_lmk = lmk("402", clear)  # 16 hex, no tag
+        kcv = kcv_tdes(clear)[:3].hex().upper()
+        yield case(f"single-z-cvk-{half}-a6", f"A6402{zmk}Z{under_zmk}Z", f"A700{key_lmk}{kcv}")
+        yield case(f"single-z-cvk-{half}-a6-untagged-in", f"A6402{zmk}{under_zmk}Z", f"A700{key_lmk}{kcv}")
+        yield case(f"single-z-cvk-{half}-a8", f"A8402{zmk}Z{key_lmk}Z", f"A900{under_zmk}{kcv}")
+        yield case(f"single-z-cvk-{half}-a8-untagged-in", f"A8402{zmk}{key_lmk}Z", f"A900{under_zmk}{kcv}")
+    pair = lmk("402", halves["a"]) + lmk("402", halves["b"])
+    yield case("single-z-cvk-pair-cw", f"CW{pair}{cvv_tail}", "CX00561")
+    zpk = halves["a"]
+    zpk_zmk = tdes_ecb_encrypt(KEY_0123, zpk).hex().upper()
+    kcv16 = kcv_tdes(zpk).hex().upper()
+    yield case("single-z-zpk-fa-kcv6", f"FA{zmk}Z{zpk_zmk};ZZ1", f"FB00{lmk('001', zpk)}{kcv16[:6]}")
+    yield case("single-z-zpk-fa-kcv16", f"FA{zmk}{zpk_zmk};ZZ0", f"FB00{lmk('001', zpk)}{kcv16}")
+    yield case("single-z-zpk-fa-no-block", f"FA{zmk}Z{zpk_zmk}", f"FB00{lmk('001', zpk)}{kcv16}")
 
 
 def mac_cases() -> Iterable[Case]:

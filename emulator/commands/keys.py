@@ -8,6 +8,11 @@ under a ZMK (A0 mode 1, A6, A8, FA) use:
   A6, 5A; ``T``: 6A, DE, 2B), as for keys under the LMK;
 * ``R``: a TR-31 key block (version B for TDES keys, D for AES keys) under the ZMK.
 
+A returned key carries its scheme tag (``U``/``T``/``X``/``Y``, ``S``/``R`` blocks) except a
+single-length one: scheme ``Z`` (or ``0``) comes back as the bare 16 hex characters, under the
+LMK and under a ZMK alike, as payShield answers (:func:`protocols.hostcmd.fields.output_key`).
+``Z`` + 16 hex is still accepted as an input key.
+
 Check values are 6 hex (TDES-ECB of zeros, or AES-CMAC of zeros for AES keys); BU and FA
 return 16 hex unless the request's KCV type asks for 6. Error codes: ``04`` key type, ``05`` key
 length flag, ``10``/``11`` parity of the source/destination key, ``26`` key scheme, ``27`` key
@@ -37,10 +42,11 @@ from emulator.crypto.lmk import (
     kcv_aes_cmac,
     kcv_tdes,
     parse_key_type,
+    split_key_scheme,
 )
 from emulator.hsm import Handler, Reply
 from emulator.state import EmulatorState
-from protocols.hostcmd.fields import Values
+from protocols.hostcmd.fields import Values, output_key
 
 #: Key scheme character -> clear key length in bytes (``0`` is single length, untagged).
 SCHEME_LENGTH = {"0": 8, "Z": 8, "U": 16, "X": 16, "T": 24, "Y": 24}
@@ -86,8 +92,7 @@ def encrypt_under_zmk(zmk: bytes, scheme: str, clear: bytes, key_type: str) -> s
         tdes_ecb_encrypt(_zmk_variant(zmk, scheme, i), clear[8 * i : 8 * i + 8])
         for i in range(len(clear) // 8)
     )
-    prefix = "" if scheme == "0" else scheme
-    return prefix + out.hex().upper()
+    return output_key(scheme, out.hex().upper())
 
 
 def decrypt_under_zmk(zmk: bytes, value: str) -> ClearKey:
@@ -137,7 +142,10 @@ def _under_lmk(state: EmulatorState, v: Values, key_type: str, scheme: str, key:
         raise CryptoError("26", "an AES key needs the key-block LMK (scheme S)")
     if len(key.key) != SCHEME_LENGTH[scheme]:
         raise CryptoError("27", "key length does not match the key scheme")
-    return encrypt_key_under_lmk(variant_lmk(state, v), key_type, "" if scheme == "0" else scheme, key.key)
+    lmk_scheme = "" if scheme == "0" else scheme
+    cryptogram = encrypt_key_under_lmk(variant_lmk(state, v), key_type, lmk_scheme, key.key)
+    _, hex_text = split_key_scheme(cryptogram)
+    return output_key(scheme, hex_text)
 
 
 def _check_key_type(key_type: str) -> None:

@@ -17,7 +17,10 @@ the key-type variant ``V`` (0-9) and the pair code ``PP`` (see
 
 A key under LMK is written ``scheme + hex`` (uppercase). Scheme ``""`` (no
 prefix) and ``Z`` are single DES (16 hex), ``U``/``X`` double length (32 hex),
-``T``/``Y`` triple length (48 hex).
+``T``/``Y`` triple length (48 hex). These functions write the tag they are
+given (``Z`` + 16 hex is a valid input key field); a host command that
+*returns* a single-length key leaves the ``Z`` off, as payShield does
+(:func:`protocols.hostcmd.fields.output_key`).
 
 LMK file format (:func:`load_lmk_file`)
 ---------------------------------------

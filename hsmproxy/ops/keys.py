@@ -24,6 +24,9 @@ Error codes: ``04`` key type, ``05`` key length flag, ``10``/``11`` source/desti
 ``13`` LMK id, ``15`` mode, ``26`` scheme, ``27`` key length, ``29`` usage/exportability, ``A1``-``AC``
 and ``83`` key block errors (``A4`` MAC), ``01`` (A6/FA) imported key with even parity (the key is
 still returned), ``26`` for an ``S`` block given as a key under a ZMK.
+Returned keys carry their scheme tag except a single-length one: ``Z`` (or ``0``) comes back as the
+bare 16 hex characters, under the LMK and under a ZMK, as payShield and the emulator answer
+(:func:`protocols.hostcmd.fields.output_key`); ``Z`` + 16 hex stays a valid input key.
 Limitation: only the LMK variant objects the ceremony creates exist on the token; a key type whose
 variant object is missing answers ``13``.
 """
@@ -43,6 +46,7 @@ from hsmproxy.backend.errors import BackendError
 from hsmproxy.backend.pkcs11_backend import Pkcs11Backend, lmk_object_label
 from hsmproxy.ops.keyref import pair_and_variant
 from hsmproxy.ops.registry import OpResult, op
+from protocols.hostcmd.fields import output_key
 
 #: Key scheme -> clear key length in bytes (``0`` is single length, untagged).
 SCHEME_LENGTH = {"0": 8, "Z": 8, "U": 16, "X": 16, "T": 24, "Y": 24}
@@ -308,15 +312,14 @@ def _under_lmk(backend: Pkcs11Backend, a: dict[str, Any], key_type: str, scheme:
         raise BackendError("27", "key length does not match the key scheme")
     lmk = _variant_lmk(backend, a)
     pair, variant = _parse_type(key_type)
-    tag = "" if scheme == "0" else scheme
     out = b"".join(
         backend.ecb_encrypt(
-            backend.lmk_object(lmk_object_label(lmk, pair, variant, tag, i)),
+            backend.lmk_object(lmk_object_label(lmk, pair, variant, scheme, i)),
             bytes(key.clear[8 * i : 8 * i + 8]),
         )
         for i in range(len(key.clear) // 8)
     )
-    return tag + out.hex().upper()
+    return output_key(scheme, out.hex().upper())
 
 
 def _kcv(backend: Pkcs11Backend, key: _Key) -> bytes:
@@ -376,7 +379,7 @@ def _under_zmk(backend: Pkcs11Backend, zmk: _Key, scheme: str, clear: bytes, key
     if len(clear) != SCHEME_LENGTH[scheme]:
         raise BackendError("27", "key length does not match the key scheme")
     out = _zmk_halves(backend, zmk, scheme, clear, True)
-    return ("" if scheme == "0" else scheme) + out.hex().upper()
+    return output_key(scheme, out.hex().upper())
 
 
 def _from_zmk(backend: Pkcs11Backend, zmk: _Key, value: str) -> _Key:

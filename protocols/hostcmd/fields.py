@@ -51,6 +51,17 @@ KEY_SCHEME_HEX_LENGTH: Final[Mapping[str, int]] = {
     "Y": 48,
 }
 KEY_BLOCK_SCHEMES: Final = frozenset("SR")
+#: Schemes payShield never writes as a tag in front of a key it returns: a single-length key
+#: (``Z``, ANSI X9.17, or the untagged ``0``) comes back as the bare 16 hex characters, while
+#: ``U``/``T``/``X``/``Y`` (and the ``S``/``R`` blocks) keep theirs. ``Z`` + 16 hex stays a valid
+#: *input* key field (:class:`Key` parses it).
+UNTAGGED_OUTPUT_SCHEMES: Final = frozenset({"", "0", "Z"})
+
+
+def output_key(scheme: str, hex_text: str) -> str:
+    """A variant / X9.17 key field as a response carries it: ``scheme + hex``, or just the hex for
+    a single-length key (schemes in :data:`UNTAGGED_OUTPUT_SCHEMES`)."""
+    return hex_text if scheme in UNTAGGED_OUTPUT_SCHEMES else scheme + hex_text
 
 
 class ParseError(Exception):
@@ -157,6 +168,9 @@ class Key(Field):
 
     The value keeps the scheme tag, e.g. ``"U0123…"``; a key with no tag is 16 hex characters
     (32 for the legacy double-length pairs some commands take untagged, e.g. CVK A + CVK B).
+    Parsing accepts a single-length key with or without ``Z``; formatting writes the value as
+    given (a request may carry ``Z``). A key a command *returns* is built with
+    :func:`output_key`, which leaves the ``Z`` off as payShield does.
     Key blocks: the 16-character header after the tag gives the block length in characters
     (positions 1-4, decimal, excluding the tag).
     """

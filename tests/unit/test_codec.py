@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.hostcmd.fields import ParseError, format_fields, parse
+from protocols.hostcmd.fields import ParseError, format_fields, output_key, parse
 from protocols.hostcmd.table import COMMANDS
 
 ZPK_A = "U" + "1" * 32
@@ -128,3 +128,57 @@ def test_every_command_has_a_name_and_layouts() -> None:
     for spec in COMMANDS.values():
         assert spec.name
         assert isinstance(spec.request, tuple)
+
+
+SINGLE = "0A61E674E88C6A7E"  # 16 hex: a single-length key (VECTORS.md 6 CVK A under the test LMK, 402)
+ZMK_U = "U42BBE7D9A0A55D0EBDE055DE2791ACCD"  # VECTORS.md 10 key under the test LMK (000, U)
+
+
+def test_output_key_never_tags_a_single_length_key() -> None:
+    # payShield writes no tag for Z (or the untagged 0) on a key it returns; every other scheme keeps it.
+    for scheme in ("", "0", "Z"):
+        assert output_key(scheme, SINGLE) == SINGLE
+    for scheme, hex_text in (("U", "1" * 32), ("X", "2" * 32), ("T", "3" * 48), ("Y", "4" * 48)):
+        assert output_key(scheme, hex_text) == scheme + hex_text
+
+
+@pytest.mark.parametrize(
+    ("code", "field", "body"),
+    [
+        ("FA", "zpk_zmk", f"{ZMK_U}{{key}};ZZ1"),
+        ("A6", "key_zmk", f"402{ZMK_U}{{key}}Z"),
+        ("A8", "key_lmk", f"402{ZMK_U}{{key}}Z"),
+        ("CC", "source_zpk", f"{{key}}{ZPK_A}12{'0' * 16}0101{'1' * 12}"),
+    ],
+)
+def test_single_length_input_key_with_or_without_z(code: str, field: str, body: str) -> None:
+    """Both input forms parse to the key as given, and format back unchanged (a request may say Z)."""
+    for key in (SINGLE, "Z" + SINGLE, SINGLE.lower()):
+        wire = body.format(key=key).encode()
+        v = parse(COMMANDS[code].request, wire).values
+        assert v[field] == key.upper()
+        assert format_fields(COMMANDS[code].request, v) == wire.upper()
+
+
+@pytest.mark.parametrize(
+    ("code", "request_body", "response_body", "keys"),
+    [
+        ("FA", f"{ZMK_U}Z{SINGLE};ZZ1", f"{SINGLE}D5D44F", {"zpk_lmk": SINGLE, "kcv": "D5D44F"}),
+        ("FA", f"{ZMK_U}Z{SINGLE};ZZ0", f"{SINGLE}D5D44FF720683D0D", {"kcv": "D5D44FF720683D0D"}),
+        ("A6", f"402{ZMK_U}Z{SINGLE}Z", f"{SINGLE}D5D44F", {"key_lmk": SINGLE}),
+        ("A8", f"402{ZMK_U}{SINGLE}Z", f"{SINGLE}D5D44F", {"key_zmk": SINGLE}),
+        ("A0", "0001Z", f"{SINGLE}D5D44F", {"key_lmk": SINGLE, "kcv": "D5D44F"}),
+        ("A0", f"1001Z;0{ZMK_U}Z", f"{SINGLE}{'1' * 16}D5D44F", {"key_lmk": SINGLE, "key_zmk": "1" * 16}),
+        ("A0", f"1001U;0{ZMK_U}X", f"U{'2' * 32}X{'3' * 32}D5D44F", {"key_zmk": "X" + "3" * 32}),
+    ],
+)
+def test_responses_carry_single_length_keys_bare(
+    code: str, request_body: str, response_body: str, keys: dict[str, str]
+) -> None:
+    """Response layouts read a bare 16-hex key (no Z) and write it back byte for byte."""
+    spec = COMMANDS[code]
+    req = parse(spec.request, request_body.encode()).values
+    v = parse(spec.response, response_body.encode(), req).values
+    for name, value in keys.items():
+        assert v[name] == value
+    assert format_fields(spec.response, v, req) == response_body.encode()
