@@ -23,6 +23,13 @@ def _header_length(text: str) -> int:
     return n
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="hsmproxy", description="payShield-compatible HSM proxy")
@@ -89,7 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--connections", type=int, default=8)
     bench.add_argument("--depth", type=int, default=1, help="requests in flight per connection (closed loop)")
     bench.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second")
-    bench.add_argument("--duration", type=float, default=10.0, help="seconds measured (after 1 s warm-up)")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds measured (after the warm-up)")
+    bench.add_argument("--warmup", type=float, default=1.0, help="seconds sent before the measured window")
+    bench.add_argument(
+        "--grace", type=float, default=2.0,
+        help="seconds to wait for answers after the last request; later ones count as unanswered",
+    )  # fmt: skip
+    bench.add_argument(
+        "--processes", type=_positive_int, default=1, metavar="N",
+        help="N client processes sharing the connections and the rate; results merged exactly",
+    )  # fmt: skip
+    bench.add_argument("--timeline", action="store_true", help="per-second buckets in the result")
+    bench.add_argument(
+        "--then-rate", type=float, default=0.0, metavar="R2",
+        help="open loop: go on at R2 requests per second right after the main phase",
+    )  # fmt: skip
+    bench.add_argument(
+        "--then-duration", type=float, default=0.0, metavar="S2", help="seconds at --then-rate"
+    )
+    bench.add_argument(
+        "--recovery-p99-ms", type=float, default=10.0, metavar="MS",
+        help="recovery_s: first second of the --then-rate phase with p99 under this (default 10)",
+    )  # fmt: skip
     bench.add_argument(
         "--keys", choices=("hot", "cold"), default="hot", help="CC: one key pair, or one per request"
     )
@@ -198,7 +226,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from hsmproxy.bench import echo_server, format_result, run_bench
+    from hsmproxy.bench import check_options, echo_server, format_result, run_bench
 
     if args.echo_server:
         host, port = args.echo_server
@@ -211,6 +239,14 @@ def _bench(args: argparse.Namespace) -> int:
         print("bench: --target HOST:PORT is required", file=sys.stderr)
         return 2
     host, port = args.target
+    try:
+        check_options(
+            args.command, args.connections, args.processes, args.rate, args.then_rate, args.then_duration,
+            args.idle,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     result = uvloop.run(
         run_bench(
             host,
@@ -222,7 +258,14 @@ def _bench(args: argparse.Namespace) -> int:
             args.duration,
             args.header_length,
             args.keys,
+            warmup=args.warmup,
             idle=args.idle,
+            processes=args.processes,
+            then_rate=args.then_rate,
+            then_duration=args.then_duration,
+            grace=args.grace,
+            timeline=args.timeline,
+            recovery_p99_ms=args.recovery_p99_ms,
         )
     )
     print(format_result(result, args.json))

@@ -1,12 +1,15 @@
-"""The bench's CC requests are valid commands: the emulator (reference crypto) answers each with 00."""
+"""The bench's CC requests are valid commands: the emulator (reference crypto) answers each with 00,
+and an open-loop run against it matches every answer to its request."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from emulator.crypto.cipher import tdes_ecb_decrypt
 from emulator.crypto.lmk import TEST_LMK, decrypt_key_under_lmk
-from hsmproxy.bench import build_requests
+from hsmproxy.bench import build_requests, run_bench
 from tests.integration.conftest import HsmClient, RunningEmulator
 
 
@@ -28,3 +31,11 @@ def test_bench_cc_requests_translate_on_the_emulator(emulator: RunningEmulator, 
             assert block_in == block_out  # ISO-0 in and out, same account
     finally:
         client.close()
+
+
+def test_open_loop_run_on_the_emulator_answers_every_request_ok(emulator: RunningEmulator) -> None:
+    host, port = emulator.address
+    r = asyncio.run(run_bench(host, port, "CC", 2, rate=200, duration=0.5, warmup=0.1, grace=10.0))
+    assert (r.offered, r.ok, r.errors, r.unanswered) == (100, 100, 0, 0)
+    assert (r.skipped, r.resets, r.unmatched) == (0, 0, 0)
+    assert 0 < r.p50_ms <= r.p99_ms <= r.max_ms
