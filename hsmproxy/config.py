@@ -148,6 +148,9 @@ def _cluster_settings(data: dict[str, Any]) -> ClusterSettings:
         values: dict[str, Any] = {k: type(getattr(defaults, k))(section[k]) for k in known if k in section}
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cluster: {exc}") from None
+    cap = values.get("max_outstanding", defaults.max_outstanding)
+    if "min_limit" not in values and cap < defaults.min_limit:
+        values["min_limit"] = cap  # a small hard cap set alone keeps its meaning (a fixed limit)
     cs = ClusterSettings(**values)
     if cs.inter <= 0 or cs.timeout <= 0 or cs.fall < 1 or cs.rise < 1:
         raise ConfigError("cluster: inter and timeout must be positive, fall and rise at least 1")
@@ -157,6 +160,14 @@ def _cluster_settings(data: dict[str, Any]) -> ClusterSettings:
         raise ConfigError("cluster: affinity_spill must be >= 0")
     if cs.max_outstanding < 1:
         raise ConfigError("cluster: max_outstanding must be at least 1")
+    if not 1 <= cs.min_limit <= cs.max_outstanding:
+        raise ConfigError("cluster: need 1 <= min_limit <= max_outstanding")
+    if not 1.0 <= cs.limit_tolerance <= 100.0:
+        raise ConfigError("cluster: limit_tolerance must be between 1.0 and 100.0 (RTT over the no-load RTT)")
+    if not 0 < cs.probe_interval <= 86400:
+        raise ConfigError("cluster: probe_interval must be positive (seconds, at most a day)")
+    if not 0 <= cs.queue_timeout <= 60 or cs.max_queue < 0:
+        raise ConfigError("cluster: need 0 <= queue_timeout <= 60 (seconds) and max_queue >= 0")
     return cs
 
 

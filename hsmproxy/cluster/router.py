@@ -18,6 +18,44 @@
   (``01``, ``15`` ...) are answers, never failures. A node is not ejected when it is the last
   eligible node (as Envoy's panic threshold: ejecting it would only turn slowness into errors).
 * With no eligible node a request fails at once with :class:`NoNodeAvailable` (never hangs).
+
+Admission (overload degrades, never collapses):
+
+* **Adaptive concurrency limit per node** (:mod:`hsmproxy.cluster.admission`): a node takes at most
+  its current limit of requests, adjusted from the measured RTT of its answers (submit to answer,
+  the front's event-loop lag included) between ``[cluster] min_limit`` (default 16: the worker
+  batches, and large batches are what keep the front cheap per request) and ``max_outstanding``
+  (default 256, the hard cap). ``limit_tolerance`` (default 2.0) is how far the RTT may rise over
+  the no-load RTT before the limit shrinks; ``probe_interval`` (default 5 s) how often the no-load
+  RTT is re-measured (the node held at ``min_limit`` for ``2 x min_limit`` answers).
+  ``min_limit = max_outstanding`` turns adaptation off (a fixed limit).
+* **Bounded wait with a deadline** (CoDel's idea: bound the time spent waiting, not the length): a
+  request that finds every eligible node at its limit waits in one router-wide FIFO queue at most
+  ``queue_timeout`` seconds among at most ``max_queue`` others. Default 10 ms: CoDel's 5 ms is a
+  target for a *standing* queue, which it enforces only after a 100 ms interval, so bursts pass; a
+  hard per-request deadline has no interval and must itself cover one burst: one read of a
+  pipelining connection dispatches every frame in it, and at the floor (16 a node) the cluster
+  starts them in waves of one RTT (1-3 ms measured on SoftHSM2 under load), so 100-150 commands
+  need 3-5 waves. Under a standing overload 10 ms is also what admitted requests wait at most (the
+  fixed 256-deep queues gave a p99 of 128 ms, 4 s at 4x). ``max_queue`` default 1,024: several
+  times what the measured peak (~17,000/s) can start within 10 ms, so the deadline, not the length,
+  decides; the bound caps memory and the work of one expiry pass. An answer frees
+  a slot and starts the oldest waiter still in time, on the node affinity and least outstanding
+  choose among those under their limit. A waiter out of time fails with :class:`Overloaded`
+  (``expired``), a request finding the queue full at once (``shed``); neither ever reaches a node
+  late. ``max_queue = 0`` or ``queue_timeout = 0``: no waiting (shed at once). One timer serves the
+  queue (every waiter has the same budget, so the head expires first).
+* **Never refused**: internal work (``shed=False``: the audit trail's MAC batches and checkpoints)
+  and retries (the request was admitted once) skip both the limit and the queue, and may exceed
+  ``max_outstanding``. Health checks do not go through the router at all.
+* **Overload is not failure**: a request that expired in the queue never reached a node and counts
+  against none; RTT samples only move limits, never health or ejection.
+
+Counters (for metrics): :attr:`Router.shed` (queue full), :attr:`Router.expired` (waited past
+``queue_timeout``), :attr:`Router.queued` (waiting now), :attr:`Router.queued_total` (ever waited);
+per node ``Router.limits[name]`` (a :class:`~hsmproxy.cluster.admission.NodeLimit`): ``current``
+(limit in force), ``estimate``, ``rtt_noload`` and ``rtt_recent`` (seconds), ``probing``,
+``windows``, ``probes``.
 """
 
 from __future__ import annotations
@@ -27,12 +65,14 @@ import hashlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hsmproxy.backend.client import NodeDown
+from hsmproxy.cluster.admission import NodeLimit
 from hsmproxy.cluster.state import AdminState, ClusterSettings, NodeState, OpState, StateChange
 from hsmproxy.logs import LogThrottle
 
@@ -71,8 +111,14 @@ RETRY_RESERVE = 10.0
 RETRY_BURST = 100.0
 
 
+#: Shortest re-arm of the queue timer (s): a loop whose clock is coarser than the router's (uvloop
+#: caches a millisecond clock) may wake it a little early; expiry is then at most this late.
+QUEUE_TIMER_FLOOR = 0.001
+
+
 class Overloaded(NoNodeAvailable):
-    """Every eligible node already has ``max_outstanding`` requests: the request is shed."""
+    """Every eligible node is at its concurrency limit and the request could not start in time
+    (the admission queue was full, or it waited ``queue_timeout``): it is shed, never run late."""
 
 
 class AuditUnavailable(NoNodeAvailable):
@@ -116,8 +162,22 @@ def _rendezvous(name: str, key: str, weight: float) -> float:
     return weight / _rendezvous_cost(name, key)
 
 
+@dataclass(slots=True)
+class _Waiter:
+    """A request waiting in the admission queue for a node under its limit."""
+
+    outer: asyncio.Future[tuple[str, Any]]
+    op: str
+    args: dict[str, Any]
+    affinity: str
+    note: RequestNote | None
+    #: ``clock()`` by which it must have started (it fails with Overloaded then).
+    deadline: float
+
+
 class Router:
-    """Chooses a node per operation, retries once elsewhere, ejects failing nodes."""
+    """Chooses a node per operation, admits it under the node's adaptive limit or lets it wait a
+    little, retries once elsewhere, ejects failing nodes."""
 
     def __init__(
         self,
@@ -133,7 +193,8 @@ class Router:
         self.deadline = deadline
         self.settings = settings or ClusterSettings()
         self.retries = 0
-        #: Requests shed because every eligible node was at ``max_outstanding`` (overload).
+        #: Requests answered Overloaded at once: every eligible node at its limit and the admission
+        #: queue full (or no waiting configured).
         self.shed = 0
         #: Timeouts on nodes that were answering other requests (not counted as failures), and
         #: retries the retry budget refused.
@@ -148,6 +209,13 @@ class Router:
         self.gate: Callable[[], bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests run on (one per process)
         self._costs: dict[str, dict[str, float]] = {}
+        #: Admission: requests that waited past ``queue_timeout`` (never reached a node), requests that
+        #: ever waited; the per-node adaptive limits; the FIFO of waiters and the one timer of its head.
+        self.expired = 0
+        self.queued_total = 0
+        self.limits: dict[str, NodeLimit] = {n.name: NodeLimit(n.name, self.settings, clock()) for n in nodes}
+        self._waiters: deque[_Waiter] = deque()
+        self._queue_timer: asyncio.TimerHandle | None = None
         weights = weights or {}
         self.states: dict[str, NodeState] = {}
         for n in self.nodes:
@@ -174,14 +242,26 @@ class Router:
         changed = self.states[name].set_admin(state, reason)
         if changed:
             log.warning("node %s admin state %s: %s", name, state.value, reason)
+            if self._waiters:
+                self._drain()  # a READY node takes waiters; with none left eligible they fail at once
         return changed
 
     def set_oper(self, node: Backend, state: OpState, reason: str) -> bool:
         """Set a node's operational state (health checks, worker loss); True if it changed."""
-        changed = self.states[node.name].set_oper(state, reason, self.clock())
+        now = self.clock()
+        changed = self.states[node.name].set_oper(state, reason, now)
         if changed:
             log.warning("node %s is %s: %s", node.name, state.value, reason)
+            if state is OpState.UP:  # a new worker or a recovered token: learn its no-load RTT again
+                self.limits[node.name].request_probe(now, self.settings)
+            if self._waiters:
+                self._drain()
         return changed
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the admission queue now."""
+        return len(self._waiters)
 
     def eligible(self, node: Backend, now: float) -> bool:
         """True if ``node`` may take a new request now."""
@@ -210,20 +290,29 @@ class Router:
     # -- choosing ---------------------------------------------------------------------------------
 
     def pick(self, affinity: str = "", exclude: Backend | None = None, shed: bool = True) -> Backend:
-        """The node for the next request (``shed``: :class:`Overloaded` when every node is full)."""
+        """The node for the next request: with ``shed``, among nodes under their concurrency limit
+        (:class:`Overloaded` when every eligible node is at it); without, among all eligible nodes."""
         now = self.clock()
         candidates = self.candidates(exclude, now)
         if not candidates:
             raise NoNodeAvailable("no node is up")
-        states = self.states
-        limit = self.settings.max_outstanding
-        if shed and any(states[n.name].outstanding >= limit for n in candidates):
-            candidates = [n for n in candidates if states[n.name].outstanding < limit]
+        if shed:
+            candidates = self._under_limit(candidates)
             if not candidates:
-                self.shed += 1
-                raise Overloaded(f"every eligible node has {limit} requests outstanding")
+                raise Overloaded("every eligible node is at its concurrency limit")
+        return self._choose(candidates, affinity, now)
+
+    def _under_limit(self, candidates: list[Backend]) -> list[Backend]:
+        """The candidates with fewer requests outstanding than their limit (and the hard cap)."""
+        states, limits = self.states, self.limits
+        cap = self.settings.max_outstanding
+        return [n for n in candidates if states[n.name].outstanding < min(limits[n.name].current, cap)]
+
+    def _choose(self, candidates: list[Backend], affinity: str, now: float) -> Backend:
+        """Weighted least outstanding among ``candidates``, or the key's preferred node within the spill."""
         if len(candidates) == 1:
             return candidates[0]
+        states = self.states
         slowstart = self.settings.slowstart
         costs = self._rendezvous_costs(affinity) if affinity else None
         least = preferred = candidates[0]
@@ -260,8 +349,8 @@ class Router:
     ) -> tuple[str, Any]:
         """Run ``op`` on a node; retry once on another node if the first fails or times out.
 
-        ``shed=False``: not refused when every node is at ``max_outstanding`` (internal work such as the
-        audit trail's one batch in flight, which records answers already sent).
+        ``shed=False``: never refused nor queued by admission (internal work such as the audit
+        trail's one batch in flight, which records answers already sent).
         """
         return await self.submit(op, args, affinity, shed=shed)
 
@@ -271,24 +360,121 @@ class Router:
         """Like :meth:`execute`, as a future, without a task per request (the host-command path).
 
         The attempt is driven by callbacks: the node's future, one timer for the deadline, and a
-        retry on another node from the callback. Fails with :class:`NoNodeAvailable` or
-        ``TimeoutError`` when no node could answer.
+        retry on another node from the callback. A request finding every eligible node at its limit
+        waits in the admission queue (started by a later answer, or failed by the queue's timer).
+        Fails with :class:`NoNodeAvailable` (:class:`Overloaded` when shed or out of time in the
+        queue) or ``TimeoutError`` when no node could answer.
         """
         loop = self._loop
         if loop is None or loop.is_closed():  # get_running_loop() is a getpid() call on Python 3.11
             loop = self._loop = asyncio.get_running_loop()
+            self._waiters.clear()  # waiters of a closed loop (tests run several) can never be answered
+            self._queue_timer = None
         outer: asyncio.Future[tuple[str, Any]] = loop.create_future()
         note = REQUEST_NOTE.get()  # a host command's audit note (read now: callbacks run elsewhere)
         if note is not None and self.gate is not None and not self.gate():
             outer.set_exception(AuditUnavailable("the audit trail cannot take records now"))
             return outer
-        try:
-            node = self.pick(affinity, shed=shed)
-        except NoNodeAvailable as exc:
-            outer.set_exception(exc)
+        now = self.clock()
+        candidates = self.candidates(None, now)
+        if not candidates:
+            outer.set_exception(NoNodeAvailable("no node is up"))
             return outer
-        self._attempt(loop, outer, node, op, args, affinity, True, note)
+        if shed:
+            # waiters exist only while every eligible node is at its limit (whatever frees a slot
+            # drains the queue): a newcomer then joins the tail, never overtaking them
+            free = [] if self._waiters else self._under_limit(candidates)
+            if not free:
+                self._enqueue(outer, op, args, affinity, note, now)
+                return outer
+            candidates = free
+        self._attempt(loop, outer, self._choose(candidates, affinity, now), op, args, affinity, True, note)
         return outer
+
+    def _enqueue(
+        self,
+        outer: asyncio.Future[tuple[str, Any]],
+        op: str,
+        args: dict[str, Any],
+        affinity: str,
+        note: RequestNote | None,
+        now: float,
+    ) -> None:
+        """Let a request wait for a node under its limit, or shed it at once when it may not wait."""
+        settings = self.settings
+        waiters = self._waiters
+        while (
+            waiters
+            and len(waiters) >= settings.max_queue
+            and (waiters[0].outer.done() or now >= waiters[0].deadline)
+        ):
+            self._expire_head()  # out of time or given up, not yet reached by the timer: no room taken
+        if len(waiters) >= settings.max_queue or settings.queue_timeout <= 0:
+            self.shed += 1
+            outer.set_exception(Overloaded("every eligible node is at its concurrency limit, none may wait"))
+            return
+        waiters.append(_Waiter(outer, op, args, affinity, note, now + settings.queue_timeout))
+        self.queued_total += 1
+        if self._queue_timer is None:
+            self._arm_queue_timer(now, 0.0)
+
+    def _arm_queue_timer(self, now: float, floor: float) -> None:
+        """The queue's one timer, at the head's deadline (every waiter has the same budget)."""
+        loop = self._loop
+        if loop is not None and self._waiters:
+            delay = max(self._waiters[0].deadline - now, floor)
+            self._queue_timer = loop.call_later(delay, self._on_queue_timer)
+
+    def _on_queue_timer(self) -> None:
+        self._queue_timer = None
+        self._drain()
+
+    def _expire_head(self) -> None:
+        """Remove the head waiter, failing it with Overloaded unless its caller gave up."""
+        w = self._waiters.popleft()
+        if not w.outer.done():
+            self.expired += 1
+            w.outer.set_exception(
+                Overloaded(f"no node could start the request within {self.settings.queue_timeout:g}s")
+            )
+
+    def _drain(self, freed: Backend | None = None) -> None:
+        """Start the oldest waiters still in time while a node is under its limit; fail the others
+        that are out of time (``Overloaded``), or all of them when no node is eligible.
+
+        ``freed``: the node that just answered. While it is still an eligible primary, every other
+        eligible node was at its limit when the waiters queued (or a drain would have started
+        them), so only it can take one; otherwise (a backup, or just ejected: the candidates may
+        have changed) the whole cluster is looked at, as on the queue's timer and state changes."""
+        waiters = self._waiters
+        loop = self._loop
+        if loop is None:
+            return
+        now = self.clock()
+        if freed is not None and not self.states[freed.name].backup and self.eligible(freed, now):
+            free = self._under_limit([freed])
+        else:
+            candidates = self.candidates(None, now)
+            if not candidates:
+                while waiters:
+                    gone = waiters.popleft()
+                    if not gone.outer.done():
+                        gone.outer.set_exception(NoNodeAvailable("no node is up"))
+                return
+            free = self._under_limit(candidates)
+        while waiters:
+            w = waiters[0]
+            if w.outer.done() or now >= w.deadline - 1e-9:  # (slack: timer and router clocks may round apart)
+                self._expire_head()
+                continue
+            if not free:
+                break
+            waiters.popleft()
+            node = self._choose(free, w.affinity, now)
+            self._attempt(loop, w.outer, node, w.op, w.args, w.affinity, True, w.note)
+            free = self._under_limit(free)
+        if waiters and self._queue_timer is None:
+            self._arm_queue_timer(now, QUEUE_TIMER_FLOOR)
 
     def _attempt(
         self,
@@ -302,47 +488,75 @@ class Router:
         note: RequestNote | None,
     ) -> None:
         st = self.states[node.name]
+        limit = self.limits[node.name]
         st.outstanding += 1
         st.requests += 1
+        limit.peak = max(limit.peak, st.outstanding)
+        epoch = limit.epoch
+        started = self.clock()
         inner = node.submit(op, args)
         timer = loop.call_later(self.deadline, _expire, inner)
 
         def done(fut: asyncio.Future[tuple[str, Any]]) -> None:
             st.outstanding -= 1
             timer.cancel()
-            if outer.done():  # the caller gave up (connection closed)
-                return
-            error: Exception
-            if fut.cancelled():
-                reason, error = f"no answer within {self.deadline:g}s", TimeoutError()
-                if st.last_answer and self.clock() - st.last_answer < self.deadline:
-                    reason = SLOW  # the node answers others: overloaded, not failed
-            else:
-                exc = fut.exception()
-                if exc is None:
-                    st.last_answer = self.clock()
-                    if note is not None:
-                        note.node = node.name
-                    outer.set_result(fut.result())
-                    return
-                if not isinstance(exc, NodeDown):
-                    outer.set_exception(exc)
-                    return
-                reason, error = "transport or device error", exc
-            self.report_failure(node, reason)
-            # a dead node's requests are always retried (nothing lost); timeouts draw on the budget
-            if not first or (isinstance(error, TimeoutError) and not self._retry_allowed()):
-                outer.set_exception(error)
-                return
-            self.retries += 1
-            try:
-                other = self.pick(affinity, exclude=node)
-            except NoNodeAvailable as exc:
-                outer.set_exception(exc)
-                return
-            self._attempt(loop, outer, other, op, args, affinity, False, note)
+            now = self.clock()
+            cancelled = fut.cancelled()
+            exc = None if cancelled else fut.exception()
+            if exc is None:  # an answer, or none within the deadline: both are round-trip times
+                limit.sample(now - started, epoch, now, self.settings)
+                if not cancelled:
+                    st.last_answer = now
+            if not outer.done():  # else the caller gave up (connection closed)
+                self._settle(loop, outer, fut, exc, node, op, args, affinity, first, note, now)
+            if self._waiters:
+                self._drain(node)  # a slot is free here (or its limit moved)
 
         inner.add_done_callback(done)
+
+    def _settle(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        outer: asyncio.Future[tuple[str, Any]],
+        fut: asyncio.Future[tuple[str, Any]],
+        exc: BaseException | None,
+        node: Backend,
+        op: str,
+        args: dict[str, Any],
+        affinity: str,
+        first: bool,
+        note: RequestNote | None,
+        now: float,
+    ) -> None:
+        """Complete ``outer`` from one attempt's outcome, or retry it once on another node."""
+        error: BaseException
+        if fut.cancelled():
+            reason, error = f"no answer within {self.deadline:g}s", TimeoutError()
+            st = self.states[node.name]
+            if st.last_answer and now - st.last_answer < self.deadline:
+                reason = SLOW  # the node answers others: overloaded, not failed
+        elif exc is None:
+            if note is not None:
+                note.node = node.name
+            outer.set_result(fut.result())
+            return
+        elif not isinstance(exc, NodeDown):
+            outer.set_exception(exc)
+            return
+        else:
+            reason, error = "transport or device error", exc
+        self.report_failure(node, reason)
+        # a dead node's requests are always retried (nothing lost); timeouts draw on the budget
+        if not first or (isinstance(error, TimeoutError) and not self._retry_allowed()):
+            outer.set_exception(error)
+            return
+        self.retries += 1
+        try:  # admitted once: the retry is neither limited nor queued
+            other = self.pick(affinity, exclude=node, shed=False)
+        except NoNodeAvailable as no_node:
+            outer.set_exception(no_node)
+            return
+        self._attempt(loop, outer, other, op, args, affinity, False, note)
 
     def _retry_allowed(self) -> bool:
         """Retry budget for timeouts (as Finagle's): each routed request earns ``RETRY_RATIO`` of a

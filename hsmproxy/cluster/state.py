@@ -69,9 +69,18 @@ class ClusterSettings:
     max_ejection_time: float = 300.0
     slowstart: float = 0.0
     affinity_spill: int = 32
-    #: Requests a node may have outstanding; beyond it on every eligible node a request is shed
-    #: at once (answered ``41``) instead of queueing behind work that would miss its deadline.
+    #: Hard cap on the requests a node may have outstanding (the adaptive limit's ceiling); only
+    #: internal work (``shed=False``) and retries go beyond it.
     max_outstanding: int = 256
+    #: Admission (:mod:`hsmproxy.cluster.admission`): the adaptive per-node limit's floor, how much RTT
+    #: inflation over the no-load RTT it accepts, and how often the no-load RTT is re-measured (s).
+    min_limit: int = 16
+    limit_tolerance: float = 2.0
+    probe_interval: float = 5.0
+    #: A request that finds every eligible node at its limit waits (FIFO, router-wide) at most
+    #: ``queue_timeout`` seconds among at most ``max_queue`` others, then is answered ``41``.
+    queue_timeout: float = 0.010
+    max_queue: int = 1024
 
 
 @dataclass(slots=True)

@@ -9,13 +9,22 @@ Invariants, checked by the fake nodes at the moment a request reaches them and a
 * a backup node gets a request only while no primary is eligible (the primary that just failed
   and is being retried away from does not count);
 * in-flight requests of a node set to DRAIN/MAINT/DOWN still finish with their own answer;
-* the router's outstanding count per node equals the requests really pending on that node.
+* the router's outstanding count per node equals the requests really pending on that node;
+* requests wait in the admission queue only while every node that could take them is at its
+  concurrency limit (except a node that became eligible with no event the router sees: an ejection
+  that ran out, a worker back before the router noticed it gone; such a node takes waiters at the
+  queue's next timer or state change, within ``queue_timeout``), and never more than ``max_queue``.
+
+A waiter is started later, by an answer or a state change, and the arrival invariants hold for it
+then. The loop runs on the machine's clock, so the queue's timer fires when time passes, not when
+the machine happens to be slow. :class:`TightRouterMachine` runs the same rules with limits of 2-3
+requests a node and a queue of 4, so that most steps queue, start or expire waiters.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -49,15 +58,32 @@ class FakeNode:
         return fut
 
 
+class _MachineLoop(asyncio.SelectorEventLoop):
+    """An event loop on the machine's clock: its timers fire when the machine lets time pass."""
+
+    def __init__(self, machine: RouterMachine) -> None:
+        self.machine = machine
+        super().__init__()
+
+    def time(self) -> float:
+        """The machine's clock."""
+        return self.machine.now
+
+
 class RouterMachine(RuleBasedStateMachine):
     """Drives Router.execute with fake nodes, a fake clock and an explicit model of node states."""
 
+    #: Admission settings of this machine (the defaults here).
+    ADMISSION: ClassVar[dict[str, Any]] = {}
+
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.now = 1000.0
+        self.loop = _MachineLoop(self)
         self.nodes = {n: FakeNode(n, self) for n in NAMES}
-        self.cluster = ClusterSettings(base_ejection_time=5.0, max_ejection_time=40.0, slowstart=3.0)
+        self.cluster = ClusterSettings(
+            base_ejection_time=5.0, max_ejection_time=40.0, slowstart=3.0, **self.ADMISSION
+        )
         self.router = Router(
             list(self.nodes.values()),
             deadline=1e6,
@@ -70,6 +96,8 @@ class RouterMachine(RuleBasedStateMachine):
         self.oper = dict.fromkeys(NAMES, OpState.UP)
         self.tasks: list[asyncio.Task[tuple[str, Any]]] = []
         self.just_failed: set[str] = set()
+        #: Nodes that became eligible with no event the router sees, since the queue last emptied.
+        self.silent: set[str] = set()
         self.answers: dict[int, str] = {}
 
     def teardown(self) -> None:
@@ -147,16 +175,16 @@ class RouterMachine(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(NAMES), state=st.sampled_from(list(AdminState)))
     def set_admin(self, name: str, state: AdminState) -> None:
-        """Operator: SET NODE name STATE state."""
-        self.router.set_admin(name, state, "test")
+        """Operator: SET NODE name STATE state (the model first: the change may start queued requests)."""
         self.admin[name] = state
+        self.router.set_admin(name, state, "test")
         self.step()
 
     @rule(name=st.sampled_from(NAMES), state=st.sampled_from(list(OpState)))
     def set_oper(self, name: str, state: OpState) -> None:
-        """Health checks: node UP or DOWN."""
-        self.router.set_oper(self.nodes[name], state, "test")
+        """Health checks: node UP or DOWN (the model first: the change may start queued requests)."""
         self.oper[name] = state
+        self.router.set_oper(self.nodes[name], state, "test")
         self.step()
 
     @rule(name=st.sampled_from(NAMES))
@@ -177,11 +205,15 @@ class RouterMachine(RuleBasedStateMachine):
     def worker_restarts(self, name: str) -> None:
         """The worker is back (the node stays DOWN until health checks bring it UP)."""
         self.nodes[name].up = True
+        self.silent.add(name)  # UP already if the router never saw the worker die (nothing in flight)
 
-    @rule(seconds=st.sampled_from([0.5, 2.0, 6.0, 50.0]))
+    @rule(seconds=st.sampled_from([0.002, 0.5, 2.0, 6.0, 50.0]))
     def time_passes(self, seconds: float) -> None:
-        """Ejections expire, slow start ramps."""
+        """Ejections expire, slow start ramps, waiters run out of time (the queue's timer fires)."""
+        ejected = {n for n in NAMES if self.router.state(n).ejected(self.now)}
         self.now += seconds
+        self.silent |= {n for n in ejected if not self.router.state(n).ejected(self.now)}
+        self.step()
 
     # -- invariants -------------------------------------------------------------------------------
 
@@ -207,6 +239,20 @@ class RouterMachine(RuleBasedStateMachine):
                 assert isinstance(exc, NoNodeAvailable | NodeDown), repr(exc)
 
     @invariant()
+    def waiting_only_while_every_candidate_is_full(self) -> None:
+        """A request waits only while each node that could take it is at its concurrency limit."""
+        router = self.router
+        assert router.queued <= self.cluster.max_queue
+        if not router.queued:
+            self.silent.clear()
+        else:
+            for node in router.candidates():
+                if node.name in self.silent:
+                    continue
+                limit = min(router.limits[node.name].current, self.cluster.max_outstanding)
+                assert router.state(node).outstanding >= limit, (node.name, limit, router.queued)
+
+    @invariant()
     def model_agrees_with_router(self) -> None:
         """Admin and operational states are what was set."""
         for name in NAMES:
@@ -216,6 +262,16 @@ class RouterMachine(RuleBasedStateMachine):
 
 RouterMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestRouterStateful = RouterMachine.TestCase
+
+
+class TightRouterMachine(RouterMachine):
+    """The same machine with limits of 2-3 requests a node and room for 4 waiters."""
+
+    ADMISSION: ClassVar[dict[str, Any]] = {"min_limit": 2, "max_outstanding": 3, "max_queue": 4}
+
+
+TightRouterMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestTightRouterStateful = TightRouterMachine.TestCase
 
 
 def test_drain_finishes_in_flight_and_takes_nothing_new() -> None:

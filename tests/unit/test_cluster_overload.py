@@ -1,4 +1,5 @@
-"""Overload behaviour of the router: shedding at max_outstanding, slow nodes not ejected, retry budget."""
+"""Overload behaviour of the router: shedding at the hard cap (max_outstanding) when no request may
+wait, slow nodes not ejected, retry budget. Adaptive limit and admission queue: test_cluster_admission.py."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ class HeldNode:
 
 
 def test_requests_beyond_max_outstanding_are_shed_at_once_and_nothing_is_ejected() -> None:
+    """max_outstanding is the hard cap of the adaptive limit; with no room to wait (max_queue = 0) a
+    request beyond it on every node is shed at once."""
     a, b = HeldNode("a"), HeldNode("b")
-    router = Router([a, b], deadline=30.0, settings=ClusterSettings(max_outstanding=3))
+    router = Router([a, b], deadline=30.0, settings=ClusterSettings(max_outstanding=3, max_queue=0))
 
     async def go() -> tuple[list[Any], list[Any]]:
         held = [router.submit("op", {}, "key") for _ in range(6)]  # 3 on each node
@@ -59,7 +62,8 @@ def test_requests_beyond_max_outstanding_are_shed_at_once_and_nothing_is_ejected
     first, again = asyncio.run(go())
     assert first == [("00", {"n": 1})] * 6 and again == [("00", {"n": 1})]
     assert len(a.pending) == len(b.pending) == 0
-    assert router.shed == 1
+    assert router.shed == 1 and router.expired == 0 and router.queued == 0
+    assert router.limits["a"].current == router.limits["b"].current == 3  # the cap bounds the limit
     for node in (a, b):
         st = router.state(node)
         assert st.outstanding == 0 and st.ejections == 0 and st.errors_total == 0
@@ -91,9 +95,8 @@ def test_a_timeout_on_a_node_that_answers_others_does_not_eject_it() -> None:
 def test_the_retry_budget_stops_retries_from_multiplying_an_overload() -> None:
     now = [1000.0]
     a, b = HeldNode("a"), HeldNode("b")
-    router = Router(
-        [a, b], deadline=0.01, settings=ClusterSettings(max_outstanding=10_000), clock=lambda: now[0]
-    )
+    fixed = ClusterSettings(max_outstanding=10_000, min_limit=10_000)  # a fixed limit: every request starts
+    router = Router([a, b], deadline=0.01, settings=fixed, clock=lambda: now[0])
 
     async def go() -> list[BaseException | tuple[str, Any]]:
         futures = [router.submit("op", {}, "") for _ in range(400)]
@@ -142,6 +145,10 @@ def test_max_outstanding_is_validated() -> None:
     assert parse_settings({"cluster": {"max_outstanding": 64}, "nodes": [node]}, Path("/tmp")).cluster == (
         ClusterSettings(max_outstanding=64)
     )
+    # a hard cap below the default floor, set alone, keeps its old meaning: a fixed limit
+    assert parse_settings({"cluster": {"max_outstanding": 8}, "nodes": [node]}, Path("/tmp")).cluster == (
+        ClusterSettings(max_outstanding=8, min_limit=8)
+    )
 
 
 class DyingNode(HeldNode):
@@ -157,7 +164,8 @@ class DyingNode(HeldNode):
 def test_a_dead_nodes_requests_are_all_retried_whatever_the_budget() -> None:
     now = [1000.0]
     dead, alive = DyingNode("dead"), HeldNode("alive")
-    router = Router([dead, alive], settings=ClusterSettings(max_outstanding=10_000), clock=lambda: now[0])
+    fixed = ClusterSettings(max_outstanding=10_000, min_limit=10_000)
+    router = Router([dead, alive], settings=fixed, clock=lambda: now[0])
 
     async def go() -> list[tuple[str, Any]]:
         # affinity keys that prefer the dead node, many more than the retry budget holds
@@ -178,7 +186,7 @@ def test_a_dead_nodes_requests_are_all_retried_whatever_the_budget() -> None:
 def test_internal_work_asked_not_to_be_shed_still_reaches_a_full_node() -> None:
     """The audit trail's one batch in flight (shed=False) gets through when host commands are shed."""
     a, b = HeldNode("a"), HeldNode("b")
-    router = Router([a, b], deadline=30.0, settings=ClusterSettings(max_outstanding=2))
+    router = Router([a, b], deadline=30.0, settings=ClusterSettings(max_outstanding=2, max_queue=0))
 
     async def go() -> tuple[str, Any]:
         held = [router.submit("op", {}, "key") for _ in range(4)]  # both nodes full
