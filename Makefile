@@ -13,7 +13,7 @@ LMK_LAYOUT := 3
 
 .PHONY: run test lint typecheck unit deps softhsm emulator var bench clean
 
-## run: start hsmproxy on its embedded defaults (config.toml: two SoftHSM2 nodes under ./var)
+## run: start hsmproxy on its embedded defaults (config.toml: two SoftHSM2 nodes under ./var, audit on)
 run: deps softhsm var
 	$(BIN)/hsmproxy serve --config config.toml
 
@@ -21,7 +21,7 @@ run: deps softhsm var
 emulator: deps
 	$(BIN)/hsmproxy emulator --listen 127.0.0.1:1501 --header-length 4
 
-## var: create the dev SoftHSM2 tokens, their PIN files and the test LMKs (idempotent)
+## var: create the dev SoftHSM2 tokens, their PIN files, the test LMKs and the audit signing keys (idempotent)
 var: deps softhsm
 	@for n in $(NODES); do \
 	  mkdir -p var/$$n/tokens; \
@@ -36,6 +36,7 @@ var: deps softhsm
 	done
 	@[ "$$(cat var/.lmk-loaded 2>/dev/null)" = "$(LMK_LAYOUT)" ] || { \
 	  $(BIN)/hsmproxy lmk load --all --test --config config.toml && echo "$(LMK_LAYOUT)" > var/.lmk-loaded; }
+	@[ -s var/audit/keys.pem ] || $(BIN)/hsmproxy audit keys --generate --config config.toml --out var/audit/keys.pem  # checkpoint signing keys, made in each token, pinned
 	@$(BIN)/python -m hsmproxy.iso8583.bench install-keys --config config.toml >/dev/null  # dev ISO route's keys
 
 ## test: lint, type-check and run the whole test suite

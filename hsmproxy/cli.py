@@ -135,15 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--commands", default="", help="comma-separated subset of commands")
     conf.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    aud = sub.add_parser("audit", help="the tamper-evident audit trail")
-    aud_sub = aud.add_subparsers(dest="audit_command", required=True)
-    ver = aud_sub.add_parser("verify", help="recompute the MAC chain of audit files (MACs from a node)")
-    ver.add_argument("paths", nargs="+", metavar="PATH", help="audit file(s), rotated ones included")
-    ver.add_argument("--config", default="config.toml", metavar="PATH")
-    ver.add_argument("--node", default="", metavar="NAME", help="node computing the MACs (default: first up)")
-    ver.add_argument("--key-id", default="", metavar="NN", help="audit key id ([audit] key_id, or 00)")
-    ver.add_argument("--live", action="store_true", help="the newest file is still being written")
+    from hsmproxy.audit.cli import add_audit_parser
 
+    add_audit_parser(sub)
     from hsmproxy.keys.cli import add_keys_parser
 
     add_keys_parser(sub)
@@ -196,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_lmk(args)
     if args.subcommand == "audit":
-        from hsmproxy.audit import run_audit
+        from hsmproxy.audit.cli import run_audit
 
         return run_audit(args)
     if args.subcommand == "bench":

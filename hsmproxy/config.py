@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hsmproxy.audit import AuditConfigError, AuditSettings, parse_audit_settings
+from hsmproxy.audit.settings import AuditConfigError, AuditSettings, parse_audit_settings
 from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.cluster.state import ClusterSettings
 from hsmproxy.configutil import resolve_path, split_host_port

@@ -15,9 +15,13 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
 
 * ``hsmproxy_connections{listener,tenant}``, ``hsmproxy_inflight_commands{listener,tenant}``;
 * ``hsmproxy_up`` (1 while at least one node takes requests), ``hsmproxy_draining``;
-* overload: ``hsmproxy_requests_shed_total`` (answered ``41`` at once because every eligible node
-  had ``max_outstanding`` requests), ``hsmproxy_retries_total``, ``hsmproxy_retries_refused_total``
+* overload: ``hsmproxy_requests_shed_total`` (answered ``41`` at once: every node at its limit and the
+  admission queue full), ``hsmproxy_requests_expired_total`` (answered ``41`` after waiting
+  ``queue_timeout`` for a node), ``hsmproxy_admission_queued`` (waiting now),
+  ``hsmproxy_admission_waited_total``, ``hsmproxy_retries_total``, ``hsmproxy_retries_refused_total``
   (the retry budget), ``hsmproxy_slow_timeouts_total`` (timeouts on nodes answering other requests);
+  per node ``hsmproxy_node_concurrency_limit{node}`` (the adaptive limit in force),
+  ``hsmproxy_node_rtt_seconds{node}`` and ``hsmproxy_node_rtt_noload_seconds{node}``;
 * ``hsmproxy_node_state{node,state}`` (operational: UP / DOWN / EJECTED) and
   ``hsmproxy_node_admin_state{node,state}`` (READY / DRAIN / MAINT): HAProxy style, one series
   per possible state, 1 for the current one and 0 for the others;
@@ -37,9 +41,12 @@ Read at scrape time from live state (a custom collector: no I/O, never waits on 
   field 39 of the answer, ``00`` translated), ``hsmproxy_iso8583_latency_seconds{listener}``
   (histogram), ``hsmproxy_iso8583_connections{listener}``,
   ``hsmproxy_iso8583_upstream_up{listener}`` (inline mode);
-* with an ``[audit]`` trail: ``hsmproxy_audit_records_written_total``,
-  ``hsmproxy_audit_records_dropped_total`` (a gap in the trail), ``hsmproxy_audit_pending``,
-  ``hsmproxy_audit_failing`` (1 while the file cannot be written) and, with ``[audit.syslog]``,
+* with an ``[audit]`` trail: ``hsmproxy_audit_records_written_total`` (lines: records and
+  checkpoints), ``hsmproxy_audit_records_dropped_total`` (a gap in the trail),
+  ``hsmproxy_audit_checkpoints_total``, ``hsmproxy_audit_refusals_total`` (requests answered without a
+  node, counted into aggregate records), ``hsmproxy_audit_pending``, ``hsmproxy_audit_unsealed``
+  (records not yet under a signed checkpoint), ``hsmproxy_audit_failing`` (1 while the file cannot be
+  written) and, with ``[audit.syslog]``,
   ``hsmproxy_audit_syslog_sent_total``, ``hsmproxy_audit_syslog_dropped_total``,
   ``hsmproxy_audit_syslog_connects_total``.
 
@@ -228,7 +235,9 @@ class _LiveCollector(Collector):
         draining.add_metric([], 1.0 if m.draining else 0.0)
         yield draining
         for attr, name, text in (
-            ("shed", "requests_shed", "Requests answered 41 at once: every eligible node was full."),
+            ("shed", "requests_shed", "Requests answered 41 at once: nodes at their limits, queue full."),
+            ("expired", "requests_expired", "Requests answered 41 after waiting queue_timeout for a node."),
+            ("queued_total", "admission_waited", "Requests that waited in the admission queue."),
             ("retries", "retries", "Requests retried on another node after a failure or timeout."),
             ("retries_refused", "retries_refused", "Retries the retry budget refused."),
             ("slow_timeouts", "slow_timeouts", "Timeouts on nodes answering other requests (no failure)."),
@@ -236,8 +245,12 @@ class _LiveCollector(Collector):
             family = CounterMetricFamily(f"hsmproxy_{name}", text)
             family.add_metric([], float(getattr(router, attr, 0)) if router is not None else 0.0)
             yield family
+        queued = GaugeMetricFamily("hsmproxy_admission_queued", "Requests waiting for a node to take them.")
+        queued.add_metric([], float(router.queued) if router is not None else 0.0)
+        yield queued
         if router is None:
             return
+        yield from self._limits(router)
         now = router.clock()
         oper = GaugeMetricFamily(
             "hsmproxy_node_state",
@@ -296,6 +309,20 @@ class _LiveCollector(Collector):
         yield from self._iso(getattr(m.proxy, "iso", None))
 
     @staticmethod
+    def _limits(router: Any) -> Iterable[Metric]:
+        """Each node's adaptive concurrency limit and the RTTs it is moved by."""
+        families = (
+            ("concurrency_limit", "The node's adaptive concurrency limit in force.", "current"),
+            ("rtt_seconds", "Recent round-trip time of the node's answers (front lag too).", "rtt_recent"),
+            ("rtt_noload_seconds", "The node's measured no-load round-trip time.", "rtt_noload"),
+        )
+        for key, text, attr in families:
+            family = GaugeMetricFamily(f"hsmproxy_node_{key}", text, labels=["node"])
+            for name, limit in router.limits.items():
+                family.add_metric([name], float(getattr(limit, attr)))
+            yield family
+
+    @staticmethod
     def _iso(iso: Any) -> Iterable[Metric]:
         """ISO 8583 listeners' counters, read at scrape time (nothing without an ISO listener)."""
         if iso is None:
@@ -335,15 +362,20 @@ class _LiveCollector(Collector):
         if audit is None:
             return
         for name, text, value in (
-            ("records_written", "Audit records written to the file (chain records included).", audit.written),
-            ("records_dropped", "Audit records lost (queue overflow, write errors): gaps.", audit.dropped),
+            ("records_written", "Audit lines written to the file (records and checkpoints).", audit.written),
+            ("records_dropped", "Audit records lost (queue overflow while failing): gaps.", audit.dropped),
+            ("checkpoints", "Signed checkpoints written to the audit file.", audit.checkpoints),
+            ("refusals", "Requests answered without a node, counted into aggregate records.", audit.refusals),
         ):
             family = CounterMetricFamily(f"hsmproxy_audit_{name}", text)
             family.add_metric([], float(value))
             yield family
-        pending = GaugeMetricFamily("hsmproxy_audit_pending", "Audit records waiting for their MAC/write.")
-        pending.add_metric([], float(audit.settings.max_pending - audit.room()))
+        pending = GaugeMetricFamily("hsmproxy_audit_pending", "Audit records waiting to be written.")
+        pending.add_metric([], float(audit.waiting))
         yield pending
+        unsealed = GaugeMetricFamily("hsmproxy_audit_unsealed", "Audit records not under a checkpoint yet.")
+        unsealed.add_metric([], float(audit.unsealed))
+        yield unsealed
         failing = GaugeMetricFamily("hsmproxy_audit_failing", "1 while the audit file cannot be written.")
         failing.add_metric([], 1.0 if audit.failing else 0.0)
         yield failing

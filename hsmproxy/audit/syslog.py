@@ -1,6 +1,7 @@
 """Audit records to a SIEM: RFC 5424 syslog over TCP (RFC 6587 octet counting) or TLS (RFC 5425).
 
-Each audit record, once written (and MACed) in the audit file, is queued here as one syslog message::
+Each line of the audit trail, once written in the audit file (every record and every signed checkpoint,
+or only the checkpoints with ``send = "checkpoints"``), is queued here as one syslog message::
 
     <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [SD-ID seq="…" kind="…" result="…"] MSG
 
@@ -11,8 +12,8 @@ Each audit record, once written (and MACed) in the audit file, is queued here as
 * ``STRUCTURED-DATA``: one element ``sd_id`` (default ``hsmproxy@32473``: 32473 is the example
   enterprise number of RFC 5612; set your own) with ``seq``, ``kind`` and ``result`` (when the record
   has one); values are escaped per RFC 5424 (``"``, ``\\`` and ``]``).
-* ``MSG`` is the record's canonical JSON exactly as in the audit file (``mac`` included), ASCII, so the
-  SIEM can verify the chain itself.
+* ``MSG`` is the line exactly as in the audit file, ASCII: the SIEM holds a witness copy of the
+  checkpoints (``hsmproxy audit verify --witness``) and can check records against them itself.
 
 Framing: ``MSG-LEN SP SYSLOG-MSG`` (octet counting, RFC 6587 section 3.4.1; RFC 5425 uses the same).
 
@@ -85,6 +86,9 @@ class SyslogSettings:
     sd_id: str = "hsmproxy@32473"
     max_queue: int = 10_000
     max_backoff: float = 30.0
+    #: ``all``: every line of the trail; ``checkpoints``: only the signed checkpoints (a witness of the
+    #: trail at a few messages a second).
+    send: str = "all"
 
 
 def _path(base: Path, value: Any) -> str:
@@ -104,7 +108,7 @@ def parse_syslog_settings(raw: Any, base: Path) -> SyslogSettings | None:
     if not isinstance(raw, dict):
         raise SyslogConfigError("audit.syslog: expected a table")
     known = {"address", "tls", "ca", "cert", "key", "server_name", "app_name", "facility", "hostname",
-             "sd_id", "max_queue", "max_backoff"}  # fmt: skip
+             "sd_id", "max_queue", "max_backoff", "send"}  # fmt: skip
     unknown = set(raw) - known
     if unknown:
         raise SyslogConfigError(f"audit.syslog: unknown keys {sorted(unknown)}")
@@ -139,6 +143,7 @@ def parse_syslog_settings(raw: Any, base: Path) -> SyslogSettings | None:
             sd_id=str(raw.get("sd_id", "hsmproxy@32473")),
             max_queue=int(raw.get("max_queue", 10_000)),
             max_backoff=float(raw.get("max_backoff", 30.0)),
+            send=str(raw.get("send", "all")),
         )
     except (TypeError, ValueError) as exc:
         raise SyslogConfigError(f"audit.syslog: {exc}") from None
@@ -148,6 +153,8 @@ def parse_syslog_settings(raw: Any, base: Path) -> SyslogSettings | None:
     if "@" not in s.sd_id or any(c in s.sd_id for c in ' ="]'):
         raise SyslogConfigError("audit.syslog: sd_id must look like name@enterprise-number")
     _printable(s.sd_id, 32, "sd_id")
+    if s.send not in ("all", "checkpoints"):
+        raise SyslogConfigError('audit.syslog: send must be "all" or "checkpoints"')
     if s.max_queue < 1 or s.max_backoff <= 0:
         raise SyslogConfigError("audit.syslog: max_queue >= 1 and max_backoff > 0")
     if bool(s.cert) != bool(s.key):
@@ -176,7 +183,9 @@ def format_message(settings: SyslogSettings, hostname: str, record: dict[str, An
     result = record.get("result")
     notice = (result is not None and result != "00") or record.get("kind") == "key"
     pri = settings.facility * 8 + (SEVERITY_NOTICE if notice else SEVERITY_INFO)
-    params = [("seq", str(record.get("seq", ""))), ("kind", str(record.get("kind", "")))]
+    params = [("kind", str(record.get("kind", "")))]
+    if record.get("seq") is not None:
+        params.insert(0, ("seq", str(record["seq"])))
     if result is not None:
         params.append(("result", str(result)))
     sd = "[" + settings.sd_id + "".join(f' {k}="{_sd_escape(v)}"' for k, v in params) + "]"
@@ -222,6 +231,17 @@ class SyslogSink:
     def queued(self) -> int:
         """Messages waiting to be sent."""
         return len(self._queue)
+
+    def submit_line(self, seq: int | None, kind: str, result: str, time: str, line: bytes) -> None:
+        """Queue one written line of the trail (``seq`` None: a checkpoint; ``result`` "": none).
+
+        With ``send = "checkpoints"`` only checkpoints are queued."""
+        if self.settings.send == "checkpoints" and kind != "checkpoint":
+            return
+        record: dict[str, Any] = {"seq": seq, "kind": kind, "time": time}
+        if result:
+            record["result"] = result
+        self.submit(record, line)
 
     def submit(self, record: dict[str, Any], line: bytes) -> None:
         """Queue one written audit record (never blocks; drops the oldest when the queue is full)."""

@@ -74,7 +74,11 @@ def run_batch(
 
 def worker_main(spec: NodeSpec, conn: Connection) -> None:
     """Entry point of a node worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front owns shutdown
+    # The front owns shutdown: a SIGTERM or SIGINT sent to the whole process group (systemd's default
+    # KillMode, `timeout`, Ctrl-C) must not kill a worker while the front drains through it. A worker
+    # whose front is gone sees the pipe close and exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     load_all()  # every operation registers itself in OPS
     os.environ.update(spec.env)
     try:

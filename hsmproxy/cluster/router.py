@@ -81,15 +81,17 @@ log = logging.getLogger("hsmproxy.cluster")
 
 @dataclass(slots=True)
 class RequestNote:
-    """What serving one host command learned, for its audit record (never a field value): the node
-    that answered ("" for an immediate answer) and the named keys it presented (id, check value)."""
+    """What serving one request learned, for its audit record (never a field value): the node that
+    answered ("" when none did), the last node it was sent to ("" when it never reached one: refused
+    before a node, it may be counted instead of recorded) and the named keys it presented."""
 
     node: str = ""
     key_ids: tuple[tuple[str, str], ...] = ()
+    tried: str = ""
 
 
-#: The note of the request served in this context: set by the listener (while an observer is
-#: registered) around the dispatch, so the request's task carries it; None otherwise.
+#: The note of the request served in this context, set around its submission by the front's audit point
+#: (host commands, ISO 8583 messages); None otherwise. A request with a note passes the audit gate.
 REQUEST_NOTE: ContextVar[RequestNote | None] = ContextVar("hsmproxy_request_note", default=None)
 
 #: Affinity keys whose per-node rendezvous costs are memoised (the memo is emptied when full).
@@ -489,6 +491,8 @@ class Router:
     ) -> None:
         st = self.states[node.name]
         limit = self.limits[node.name]
+        if note is not None:
+            note.tried = node.name  # from here on the node may execute it, answer or not
         st.outstanding += 1
         st.requests += 1
         limit.peak = max(limit.peak, st.outstanding)

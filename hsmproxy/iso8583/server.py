@@ -17,9 +17,11 @@ The listener's tenant limits apply (:mod:`hsmproxy.tenancy`): ``max_connections`
 over it is closed at once) and the rate per financial message (0800s are not counted), answered
 with the listener's ``rate_limit_code`` (default ``91``) when over it.
 
-Every answered message writes one ``iso8583`` audit record when the proxy has an audit trail:
-tenant, client, listener, MTI, STAN, RRN, result (field 39 of the answer, ``00`` for a
-translation) and latency. Never field values beyond those.
+With an audit trail, every message that reached a node (a translation, a key exchange) writes one
+``iso8583`` record: tenant, client, listener, MTI, STAN, RRN, result (field 39 of the answer, ``00``
+for a translation), latency and node; with ``ack_after_durable`` its answer leaves once the record is
+on disk. A message answered without a node (undecodable, over the rate, no route, echo and sign-on)
+is only counted (an ``aggregate`` record per second). Never field values beyond those.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from hsmproxy.cluster.router import REQUEST_NOTE, RequestNote
 from hsmproxy.iso8583.config import IsoListenerConfig, IsoSettings
 from hsmproxy.iso8583.gateway import (
     DUPLICATE,
@@ -344,6 +347,8 @@ class IsoListener:
         fields: dict[str, str] = {}
         code = SYSTEM_ERROR
         out: bytes | None = None
+        note = RequestNote()
+        REQUEST_NOTE.set(note)  # this message's own task: the router notes the node that answers
         try:
             out, fields, code = await self._process(frame, conn)
         except asyncio.CancelledError:
@@ -351,14 +356,24 @@ class IsoListener:
         except Exception as exc:
             log.error("iso8583 %s: message failed (%s)", self.config.name, type(exc).__name__)
             out = self.gateway.error_answer(fields, SYSTEM_ERROR) if fields else None
-        if out is not None:
-            conn.send(out)
         self.stats.messages += 1
         if code == OK:
             self.stats.translated += 1
         else:
             self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
-        self._record(fields, conn, code, started)
+        ticket, audit = self._record(fields, conn, code, started, note.node or note.tried)
+        if out is None:
+            return
+        if ticket and audit is not None and audit.ack_after_durable:  # the answer waits for its record
+            durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def release() -> None:
+                if not durable.done():
+                    durable.set_result(None)
+
+            audit.when_durable(ticket, release)
+            await durable
+        conn.send(out)
 
     async def _process(self, frame: bytes, conn: IsoConnection) -> tuple[bytes | None, dict[str, str], str]:
         gw = self.gateway
@@ -397,21 +412,30 @@ class IsoListener:
             return await gw.signed_error_answer(response.fields, code, route), fields, code
         return back, fields, response.fields.get("39", OK)
 
-    def _record(self, fields: dict[str, str], conn: IsoConnection, code: str, started: float) -> None:
+    def _record(
+        self, fields: dict[str, str], conn: IsoConnection, code: str, started: float, node: str
+    ) -> tuple[int, Any]:
+        """The message's audit record (one if a node took part, else counted): (ticket, writer)."""
         seconds = time.perf_counter() - started
         if self.latency is not None:
             self.latency(self.config.name, seconds)
         audit = self._audit() if callable(self._audit) else self._audit
         if audit is None:
-            return
+            return 0, None
+        mti = fields.get("t", "")
         try:
-            audit.event(
+            if not node:  # answered without a node (format, rate, route, network management)
+                audit.refused(self.config.tenant, self.config.name, mti, code)
+                return 0, audit
+            ticket = audit.event(
                 "iso8583", tenant=self.config.tenant, client=conn.peer, listener=self.config.name,
-                mti=fields.get("t", ""), stan=fields.get("11", ""), rrn=fields.get("37", ""), result=code,
-                latency_ms=round(1000 * seconds, 3),
+                mti=mti, stan=fields.get("11", ""), rrn=fields.get("37", ""), result=code,
+                latency_ms=round(1000 * seconds, 3), node=node,
             )  # fmt: skip
+            return int(ticket), audit
         except Exception:
             log.exception("iso8583 audit record failed")
+            return 0, audit
 
     async def stop(self, drain: float = 5.0) -> None:
         """Stop accepting, let in-flight messages finish (bounded), close everything."""

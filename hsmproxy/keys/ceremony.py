@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import multiprocessing
-import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 from hsmproxy.backend.errors import BackendError, DeviceError
-from hsmproxy.backend.pkcs11_backend import Pkcs11Backend
+from hsmproxy.backend.offline import in_child, open_backend
 from hsmproxy.backend.spec import NodeSpec
 from hsmproxy.config import ConfigError, load_settings
 from hsmproxy.keys.lmk import (
@@ -31,14 +28,9 @@ from hsmproxy.keys.lmk import (
 )
 
 
-def _open(spec: NodeSpec) -> Pkcs11Backend:
-    os.environ.update(spec.env)
-    return Pkcs11Backend(spec.module, spec.token_label, spec.read_pin())
-
-
 def _list_node(spec: NodeSpec) -> list[str]:
     try:
-        backend = _open(spec)
+        backend = open_backend(spec)
     except DeviceError as exc:
         return [f"{spec.name}\tunavailable ({exc})"]
     ids: dict[str, set[str]] = {}
@@ -63,9 +55,11 @@ def _list_node(spec: NodeSpec) -> list[str]:
     return lines
 
 
-def _load_node(spec: NodeSpec, lmks: dict[str, tuple[str, list[bytes]]]) -> list[str]:
+def load_node(spec: NodeSpec, lmks: dict[str, tuple[str, list[bytes]]]) -> list[str]:
+    """Load ``lmks`` (id -> (scheme, values)) on one node's token; one line per LMK loaded (check
+    values only). Runs in a child process (:func:`~hsmproxy.backend.offline.in_child`)."""
     try:
-        backend = _open(spec)
+        backend = open_backend(spec)
     except DeviceError as exc:
         raise SystemExit(f"{spec.name}: cannot open token: {exc}") from None
     lines = []
@@ -84,11 +78,6 @@ def _load_node(spec: NodeSpec, lmks: dict[str, tuple[str, list[bytes]]]) -> list
     return lines
 
 
-def _in_child(fn: object, *args: object) -> list[str]:
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()  # type: ignore[arg-type]
-
-
 def run_lmk(args: argparse.Namespace) -> int:
     """Entry for the ``lmk`` subcommands; returns the exit code."""
     try:
@@ -98,7 +87,7 @@ def run_lmk(args: argparse.Namespace) -> int:
         return 1
     if args.lmk_command == "list":
         for spec in settings.nodes:
-            for line in _in_child(_list_node, spec):
+            for line in in_child(_list_node, spec):
                 print(line)
         return 0
     nodes = [n for n in settings.nodes if args.all or n.name == args.node]
@@ -139,7 +128,7 @@ def run_lmk(args: argparse.Namespace) -> int:
         lmks = {args.lmk_id: ("variant", values)}
     for spec in nodes:
         try:
-            lines = _in_child(_load_node, spec, lmks)
+            lines = in_child(load_node, spec, lmks)
         except SystemExit as exc:
             print(exc, file=sys.stderr)
             return 1

@@ -147,7 +147,7 @@ def load_audit_key(backend: Pkcs11Backend, node: str, key_id: str, key: bytes) -
 
     if len(key) < 32:
         raise ValueError("an audit HMAC key is at least 32 bytes")
-    from hsmproxy.audit import AUDIT_KEY_LABEL
+    from hsmproxy.ops.audit import AUDIT_KEY_LABEL
 
     label = f"{AUDIT_KEY_LABEL}:{key_id}"
     for old in backend.session.get_objects({Attribute.LABEL: label}):

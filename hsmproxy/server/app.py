@@ -9,7 +9,12 @@ import logging
 import signal
 from dataclasses import dataclass, field, fields, replace
 
-from hsmproxy.audit import AuditWriter, proxy_audit
+from hsmproxy.audit.checkpoint import KeyFileError, PinnedKeys
+from hsmproxy.audit.keytrail import KeyTrail
+from hsmproxy.audit.settings import AuditSettings
+from hsmproxy.audit.signer import NodeSigner
+from hsmproxy.audit.syslog import SyslogSink
+from hsmproxy.audit.writer import AuditWriter
 from hsmproxy.backend.client import NodeClient
 from hsmproxy.cluster.health import HealthChecker, check_lmk_id
 from hsmproxy.cluster.router import Router
@@ -102,8 +107,11 @@ class Proxy:
     metrics: Metrics | None = None
     #: True once the first round of health checks has completed (readiness).
     health_checked: bool = False
-    #: ``[audit]``: the HMAC-chained audit trail (None without ``[audit] path``).
+    #: ``[audit]``: the audit trail's writer (None without ``[audit] path``), the signer of its
+    #: checkpoints, and the keystore life-cycle steps it records (None without a keystore).
     audit: AuditWriter | None = None
+    audit_signer: NodeSigner | None = None
+    audit_keys: KeyTrail | None = None
     #: ``protocol = "iso8583"`` listeners (None without any; ports in ``iso.ports``).
     iso: IsoGateway | None = None
     #: True once a graceful stop has begun (readyz 503, console QH says DRAINING).
@@ -161,9 +169,10 @@ class Proxy:
             )
             self.http_port = await self.readiness.start(*s.http_bind)
         if s.audit is not None:
-            self.audit = proxy_audit(s.audit, self.router, self.lifecycle)
+            self.audit = self._audit_writer(s.audit)
             await self.audit.start()
-            self.observers.append(self.audit.observe)
+            if self.audit_keys is not None:
+                self.audit_keys.start(self.audit, self.audit.key_cursor or 0)
         loop = asyncio.get_running_loop()
         self.tenancy = TenantRegistry(s.tenants, {lc.name: lc.tenant for lc in s.listeners})
         for lc in s.listeners:
@@ -203,6 +212,31 @@ class Proxy:
         if s.iso8583 is not None:
             self.iso = IsoGateway(self, s.iso8583)
             await self.iso.start()
+
+    def _audit_writer(self, settings: AuditSettings) -> AuditWriter:
+        """The audit writer: checkpoints signed by the nodes (eligible ones first), a syslog sink when
+        configured, the keystore's life cycle when there is a keystore, and its gate on the router."""
+        router = self.router
+        assert router is not None
+
+        def signing_nodes() -> list[NodeClient]:
+            preferred = [n for n in self.nodes if n in router.candidates()]
+            return preferred + [n for n in self.nodes if n not in preferred]
+
+        try:
+            pinned = PinnedKeys.load(settings.trusted_keys) if settings.trusted_keys else None
+        except KeyFileError as exc:
+            raise ConfigError(
+                f"[audit] trusted_keys: {exc} (write it with `hsmproxy audit keys --generate --out "
+                f"{settings.trusted_keys}`, or `make var`)"
+            ) from None
+        self.audit_signer = NodeSigner(signing_nodes, settings.key_id, pinned, timeout=router.deadline)
+        sink = SyslogSink(settings.syslog) if settings.syslog is not None else None
+        writer = AuditWriter(settings, self.audit_signer, sink=sink, key_cursor=self.lifecycle is not None)
+        if self.lifecycle is not None:
+            self.audit_keys = KeyTrail(self.lifecycle.store, self.lifecycle.refused.named)
+        router.gate = lambda: writer.admits
+        return writer
 
     def _admit(self, proto: HostCommandProtocol, lc: ListenerConfig) -> Dispatcher | None:
         """Count a new connection and pick its tenant's dispatcher; None (logged) refuses it."""
@@ -267,6 +301,8 @@ class Proxy:
                 state,
                 foreign,
                 self.lifecycle.refused if self.lifecycle is not None else None,
+                lc.name,
+                self.audit,
             )
             self._dispatchers[(lc.name, state.name)] = dispatcher
         log.debug("connection from %s on %s: tenant %s by %s", proto.peer, lc.name, state.name, found.how)
@@ -423,8 +459,8 @@ class Proxy:
         for aux in (self.console, self.health, self.metrics):
             if aux is not None:
                 await aux.stop()
-        if self.audit is not None and self.audit.keys is not None:
-            await self.audit.keys.stop()  # its last look at the keystore, before the store closes
+        if self.audit_keys is not None:
+            await self.audit_keys.stop()  # its last look at the keystore, before the store closes
         if self.lifecycle is not None:
             await self.lifecycle.stop()
         if self.audit is not None:
@@ -479,7 +515,11 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        await proxy.stop(drain=False)  # the node workers already started, and whatever else did
+        raise
     settle_heap()
     if ready is not None:
         ready.set()

@@ -22,7 +22,7 @@ Roles (what each may run; ``HELP``, ``QUIT``, ``WHOAMI`` and ``LOGIN`` are alway
 command                                   auditor  operator  admin
 ========================================  =======  ========  =====
 VR, QH, GETCMDS, SHOW ...                 yes      yes       yes
-AUDIT VERIFY, AUDIT TAIL                  yes      yes       yes
+AUDIT VERIFY, CHECKPOINT, TAIL            yes      yes       yes
 SET NODE, KILL CLIENT, RELOAD             -        yes       yes
 CONFIGCMDS, CONFIGPB (security policy)    -        -         yes
 SHUTDOWN [WAIT]                           -        -         yes
@@ -101,7 +101,7 @@ COMMAND_WORDS = (
     "HELP", "QUIT", "WHOAMI", "LOGIN", "VR", "QH", "GETCMDS", "SHOW", "NODES", "HISTORY", "CLIENTS",
     "STATS", "TENANTS", "KEYS", "LMK", "CONFIG", "ERRORS", "SET", "NODE", "STATE", "READY", "DRAIN",
     "MAINT", "CONFIGCMDS", "CONFIGPB", "ENABLE", "DISABLE", "RELOAD", "KILL", "CLIENT", "AUDIT",
-    "VERIFY", "TAIL", "SHUTDOWN", "WAIT", "JSON",
+    "VERIFY", "CHECKPOINT", "TAIL", "SHUTDOWN", "WAIT", "JSON",
 )  # fmt: skip
 
 HELP_LINES = (
@@ -125,7 +125,8 @@ HELP_LINES = (
     ("CONFIGPB", "CONFIGPB <tenant> [ENABLE|DISABLE <format>...]", "runtime: disabled PIN formats answer 69"),
     ("RELOAD", "RELOAD", "re-read the config file (resets CONFIGCMDS/CONFIGPB)"),
     ("KILL CLIENT", "KILL CLIENT <id>", "close one host-command connection (ids: SHOW CLIENTS)"),
-    ("AUDIT", "AUDIT VERIFY", "verify the MAC chain of the audit files (MACs from a node)"),
+    ("AUDIT", "AUDIT VERIFY", "verify chain, checkpoints and signatures of the audit files"),
+    ("AUDIT", "AUDIT CHECKPOINT", "seal the trail now with a checkpoint signed by a node"),
     ("AUDIT", "AUDIT TAIL [n]", "the last n audit records (default 10)"),
     ("SHUTDOWN", "SHUTDOWN [WAIT]", "stop the proxy (WAIT: finish in-flight requests first)"),
     ("QUIT", "QUIT", "close this connection"),
@@ -562,6 +563,8 @@ class AdminConsole:
         if name == "AUDIT" and n >= 2:
             if kw[1] == "VERIFY" and n == 2:
                 return await self.audit_verify()
+            if kw[1] == "CHECKPOINT" and n == 2:
+                return await self.audit_checkpoint()
             if kw[1] == "TAIL" and n <= 3:
                 return await self.audit_tail(kw[2] if n == 3 else "10")
         if name == "SHUTDOWN" and (n == 1 or (n == 2 and kw[1] == "WAIT")):
@@ -851,49 +854,55 @@ class AdminConsole:
         audit = self.proxy.audit
         if audit is None:
             raise CommandError("no [audit] path configured")
-        from hsmproxy.audit import rotated_files
+        from hsmproxy.audit.files import trail_files
 
-        path = Path(audit.settings.path)
-        rotated = rotated_files(path)
-        return [*rotated, path] if path.exists() else rotated
+        return trail_files(Path(audit.settings.path))
 
     async def audit_verify(self) -> Doc:
-        """AUDIT VERIFY: the chain of the live audit file and its rotated files, MACs from a node."""
-        from hsmproxy.audit import MAX_BATCH, verify_files
+        """AUDIT VERIFY: chain, trees and signatures of the live trail and its rotated files, checked
+        with the pinned keys (``[audit] trusted_keys``), else with the keys the nodes reported."""
+        from hsmproxy.audit.checkpoint import KeyFileError, PinnedKeys
+        from hsmproxy.audit.verify import verify_trail
 
         audit = self.proxy.audit
-        router = self.proxy.router
         files = self._audit_files()
-        assert audit is not None and router is not None
+        assert audit is not None
         await audit.flush()
-        loop = asyncio.get_running_loop()
-        args = {"key_id": audit.settings.key_id}
-
-        def node_macs(bodies: list[str]) -> list[str]:
-            """Plain MACs from a node, asked from the verifying thread through the event loop."""
-            out: list[str] = []
-            for i in range(0, len(bodies), MAX_BATCH):
-                batch = bodies[i : i + MAX_BATCH]
-                pending = asyncio.run_coroutine_threadsafe(
-                    router.execute("audit_mac", {**args, "bodies": batch}), loop
-                )
-                code, values = pending.result(60)
-                if code != "00":
-                    raise CommandError(f"no node could compute the audit MACs (audit_mac answered {code})")
-                out += str(values["macs"]).split()
-            return out
-
+        signer = self.proxy.audit_signer
+        try:
+            if audit.settings.trusted_keys:
+                pinned, keys = PinnedKeys.load(audit.settings.trusted_keys), "pinned keys"
+            else:
+                known = list((await signer.learn()).values()) if signer is not None else []
+                if not known:
+                    raise CommandError("cannot verify: no keys are pinned and no node has a signing key")
+                pinned, keys = PinnedKeys.from_der(known), "the keys the nodes reported (none pinned)"
+        except KeyFileError as exc:
+            raise CommandError(f"cannot verify: {exc}") from None
         # the files are read and checked in a thread: a large trail never stalls the event loop
-        report = await asyncio.to_thread(verify_files, files, node_macs, True)
+        report = await asyncio.to_thread(verify_trail, list(files), pinned, live=True)
+        unsealed = report.unsealed
         return Doc(
             {
                 "state": "intact" if report.ok else "NOT intact",
                 "files": report.files,
                 "records": report.records,
                 "checkpoints": report.checkpoints,
+                "sealed": report.sealed,
+                "unsealed": f"{unsealed[0]}..{unsealed[1]}" if unsealed else "none",
+                "verified_with": keys,
                 "problems": [str(p) for p in report.problems[:50]],
             }
         )
+
+    async def audit_checkpoint(self) -> str:
+        """AUDIT CHECKPOINT: seal what the trail holds now with a signed checkpoint."""
+        audit = self.proxy.audit
+        self._audit_files()  # ERR without [audit]
+        assert audit is not None
+        if not await audit.checkpoint():
+            raise CommandError("no node could sign a checkpoint now (the writer keeps trying)")
+        return f"OK sealed through seq {audit.sealed_through}"
 
     async def audit_tail(self, count: str) -> Table:
         """AUDIT TAIL [n]: the last n records of the live audit file (they carry no secrets)."""
@@ -910,7 +919,11 @@ class AdminConsole:
             with contextlib.suppress(ValueError):
                 rec = json.loads(line)
                 if isinstance(rec, dict):
+                    if rec.get("kind") == "checkpoint":  # a seal: which records, signed by which node
+                        rec = {"time": rec.get("time"), "kind": "checkpoint", "client": rec.get("node"),
+                               "command": f"{rec.get('first')}..{rec.get('last')}"}  # fmt: skip
                     records.append(rec)
+        records = records[-int(count) :]
         keys = ["seq", "time", "kind", "tenant", "client", "user", "command", "result"]
         return Table([k.upper() for k in keys], [[rec.get(k) for k in keys] for rec in records])
 

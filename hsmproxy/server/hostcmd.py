@@ -19,6 +19,13 @@ Refused keys (:mod:`hsmproxy.keys.rotation`): with a keystore, a well-formed req
 revoked, destroyed, suspended or grace-expired key in any of its key fields (the command's
 :class:`~protocols.hostcmd.fields.Key` fields) answers ``29`` here, before any handler runs — the
 one choke point for every command.
+
+Audit (:class:`AuditSink`, the proxy's audit writer): the dispatcher is the one audit point of host
+commands. A command that reached a node is one ``hostcmd`` record, queued when the node's answer
+arrives — whether or not the client is still there to read it; with ``ack_after_durable`` the answer
+is held until its record is on disk. A command answered before it reached a node (rate limit, ACL,
+disabled, format error, refused key, shed, the proxy's own answers such as ``B2``) is only counted
+(``refused``: one aggregate record per second per tenant, listener, command and code).
 """
 
 from __future__ import annotations
@@ -51,6 +58,33 @@ NOT_ALLOWED_ERROR = "17"
 LMK_ERROR = "13"
 #: A key that the keystore refuses (revoked, destroyed, suspended, grace over).
 REFUSED_KEY_ERROR = "29"
+
+
+#: A host-command audit record as queued: listener, tenant, client, command, result, latency (s),
+#: header, node, key ids (:data:`hsmproxy.audit.form.HostcmdItem`).
+AuditItem = tuple[str, str, str, str, str, float, bytes, str, tuple[tuple[str, str], ...]]
+
+
+class AuditSink(Protocol):
+    """What the dispatcher tells the audit trail (:class:`~hsmproxy.audit.writer.AuditWriter`)."""
+
+    @property
+    def ack_after_durable(self) -> bool:
+        """True: hold each answer until its record is on disk."""
+        ...
+
+    def hostcmd(self, item: AuditItem) -> int:
+        """Queue one executed command (listener, tenant, client, command, result, latency s, header,
+        node, key ids); its ticket."""
+        ...
+
+    def refused(self, tenant: str, listener: str, command: str, result: str) -> None:
+        """Count one command answered before it reached a node."""
+        ...
+
+    def when_durable(self, ticket: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the record of ``ticket`` is on disk."""
+        ...
 
 
 class RefusedKeySet(Protocol):
@@ -108,6 +142,11 @@ def _trailer_of(body: bytes) -> bytes:
     return body[i:] if i >= 0 else b""
 
 
+def _answer(out: asyncio.Future[bytes], response: bytes) -> None:
+    if not out.done():  # cancelled when the client went away: its record is written all the same
+        out.set_result(response)
+
+
 class Dispatcher:
     """One request payload in, one response payload (or an awaitable of it) out."""
 
@@ -121,8 +160,12 @@ class Dispatcher:
         tenant: TenantState | None = None,
         foreign_lmks: frozenset[str] = frozenset(),
         refused: RefusedKeySet | None = None,
+        listener: str = "",
+        audit: AuditSink | None = None,
     ) -> None:
         self.refused = refused
+        self.listener = listener
+        self.audit = audit
         self.router = router
         self.handlers = handlers
         self.context = context
@@ -131,8 +174,14 @@ class Dispatcher:
         self.tenant = tenant
         self.foreign_lmks = foreign_lmks
 
-    def handle(self, payload: bytes) -> bytes | Awaitable[bytes] | None:
-        """Answer immediately (bytes), later (awaitable), or None for an unusable frame."""
+    @property
+    def tenant_name(self) -> str:
+        """The tenant this dispatcher serves."""
+        return self.tenant.name if self.tenant is not None else self.context.tenant
+
+    def handle(self, payload: bytes, client: str = "") -> bytes | Awaitable[bytes] | None:
+        """Answer immediately (bytes), later (awaitable), or None for an unusable frame. ``client``
+        names the connection's client in audit records."""
         try:
             req = split_request(payload, self.header_length)
         except EnvelopeError:
@@ -142,50 +191,62 @@ class Dispatcher:
             delay = tenant.admit_request()
             if delay is None:
                 error = tenant.config.rate_limit_error
-                return build_response(req.header, req.code, error, b"", _trailer_of(req.body))
+                return self._local(req.header, req.code, error, _trailer_of(req.body))
             if delay > 0:
-                return self._after(delay, req.header, req.code, req.body)
-        return self._serve(req.header, req.code, req.body)
+                return self._after(delay, req.header, req.code, req.body, client)
+        return self._serve(req.header, req.code, req.body, client)
 
-    async def _after(self, delay: float, header: bytes, code: str, body: bytes) -> bytes:
+    async def _after(self, delay: float, header: bytes, code: str, body: bytes, client: str) -> bytes:
         """Serve a request once its rate-limit token is due."""
         await asyncio.sleep(delay)
-        result = self._serve(header, code, body)
+        result = self._serve(header, code, body, client)
         return result if isinstance(result, bytes) else await result
 
-    def _serve(self, header: bytes, code: str, body: bytes) -> bytes | Awaitable[bytes]:
+    def _local(self, header: bytes, code: str, error: str, trailer: bytes, body: bytes = b"") -> bytes:
+        """An answer given without a node: counted by the audit trail, not written one by one."""
+        if self.audit is not None:
+            self.audit.refused(self.tenant_name, self.listener, code, error)
+        return build_response(header, code, error, body, trailer)
+
+    def _serve(self, header: bytes, code: str, body: bytes, client: str = "") -> bytes | Awaitable[bytes]:
         spec = COMMANDS.get(code)
         handler = self.handlers.get(code)
         if spec is None or handler is None:
-            return build_response(header, code, "68", b"", _trailer_of(body))
+            return self._local(header, code, "68", _trailer_of(body))
         if self.tenant is not None and not self.tenant.config.allows(code):
             self.tenant.denied_commands += 1
-            return build_response(header, code, NOT_ALLOWED_ERROR, b"", _trailer_of(body))
+            return self._local(header, code, NOT_ALLOWED_ERROR, _trailer_of(body))
         if code in self.disabled_commands:
-            return build_response(header, code, "68", b"", _trailer_of(body))
+            return self._local(header, code, "68", _trailer_of(body))
         try:
             parsed = parse(spec.request, body)
         except ParseError as exc:
-            return build_response(header, code, exc.code, b"", _trailer_of(body))
+            return self._local(header, code, exc.code, _trailer_of(body))
         if parsed.values.get("lmk_id") in self.foreign_lmks:
-            return build_response(header, code, LMK_ERROR, b"", parsed.trailer)
+            return self._local(header, code, LMK_ERROR, parsed.trailer)
         refused = self.refused
+        key_ids: tuple[tuple[str, str], ...] = ()
         if refused is not None:
             key_fields = _KEY_FIELDS.get(code, ())
-            note = REQUEST_NOTE.get()
-            if note is not None and refused.named:  # before refusing: a 29 names the key too
-                note.key_ids = _named_keys(refused.named, key_fields, parsed.values)
-        if refused is not None and refused.digests:
-            for name in key_fields:
-                value = parsed.values.get(name)
-                if isinstance(value, str) and refused.refused(value):
-                    return build_response(header, code, REFUSED_KEY_ERROR, b"", parsed.trailer)
+            if self.audit is not None and refused.named:
+                key_ids = _named_keys(refused.named, key_fields, parsed.values)
+            if refused.digests:
+                for name in key_fields:
+                    value = parsed.values.get(name)
+                    if isinstance(value, str) and refused.refused(value):
+                        return self._local(header, code, REFUSED_KEY_ERROR, parsed.trailer)
         action = handler(parsed.values, self.context)
         if isinstance(action, Immediate):
-            return self._respond(header, code, action.error, action.values, parsed.values, parsed.trailer)
+            error, out = self._respond(
+                header, code, action.error, action.values, parsed.values, parsed.trailer
+            )
+            if self.audit is not None:
+                self.audit.refused(self.tenant_name, self.listener, code, error)
+            return out
         return self._remote(
-            header, code, action.name, action.args, action.affinity, parsed.values, parsed.trailer
-        )
+            header, code, action.name, action.args, action.affinity, parsed.values, parsed.trailer,
+            client, key_ids,
+        )  # fmt: skip
 
     def _respond(
         self,
@@ -195,7 +256,8 @@ class Dispatcher:
         values: Mapping[str, Any],
         request_values: Mapping[str, Any],
         trailer: bytes,
-    ) -> bytes:
+    ) -> tuple[str, bytes]:
+        """(the error code answered, the response)."""
         body = b""
         if values:
             try:
@@ -203,7 +265,7 @@ class Dispatcher:
             except (KeyError, ValueError):
                 log.error("%s: operation result does not fit the response layout", code)
                 error, body = "41", b""
-        return build_response(header, code, error, body, trailer)
+        return error, build_response(header, code, error, body, trailer)
 
     def _remote(
         self,
@@ -214,32 +276,63 @@ class Dispatcher:
         affinity: str,
         request_values: Mapping[str, Any],
         trailer: bytes,
+        client: str = "",
+        key_ids: tuple[tuple[str, str], ...] = (),
     ) -> asyncio.Future[bytes]:
         """The response, once a node answered: a future completed by callbacks (no task)."""
-        routed = self.router.submit(op, args, affinity)
+        audit = self.audit
+        if audit is None:
+            routed = self.router.submit(op, args, affinity)
+        else:
+            started = time.perf_counter()
+            note = RequestNote(key_ids=key_ids)
+            token = REQUEST_NOTE.set(note)  # the router notes the node that answers
+            try:
+                routed = self.router.submit(op, args, affinity)
+            finally:
+                REQUEST_NOTE.reset(token)
         out: asyncio.Future[bytes] = routed.get_loop().create_future()
 
         def done(fut: asyncio.Future[tuple[str, Any]]) -> None:
-            if out.done():
-                return
             exc = fut.exception() if not fut.cancelled() else TimeoutError()
             if exc is None:
                 error, values = fut.result()
-                out.set_result(self._respond(header, code, error, values, request_values, trailer))
-                return
-            if isinstance(exc, NoNodeAvailable | TimeoutError):
-                skipped = _NO_NODE_LOG.due()
-                if skipped is not None:  # under overload this would be thousands of lines a second
-                    log.warning(
-                        "%s: no node could serve the request (%s)%s", code, type(exc).__name__,
-                        f"; {skipped} more such answers since the last line" if skipped else "",
-                    )  # fmt: skip
+                error, response = self._respond(header, code, error, values, request_values, trailer)
             else:
-                log.error("%s: routing failed", code, exc_info=exc)
-            out.set_result(build_response(header, code, NO_NODE_ERROR, b"", trailer))
+                error, response = NO_NODE_ERROR, self._failed(code, exc, header, trailer)
+            if audit is None:
+                _answer(out, response)
+                return
+            if not note.tried:  # it never reached a node: counted with the refusals
+                audit.refused(self.tenant_name, self.listener, code, error)
+                _answer(out, response)
+                return
+            latency = time.perf_counter() - started
+            # sent to a node: recorded, with the node that answered, else the last one it went to (41)
+            node, keys = note.node or note.tried, note.key_ids
+            item = (self.listener, self.tenant_name, client, code, error, latency, header, node, keys)
+            ticket = audit.hostcmd(item)
+            if audit.ack_after_durable:
+                audit.when_durable(ticket, lambda: _answer(out, response))
+            else:
+                _answer(out, response)
 
         routed.add_done_callback(done)
         return out
+
+    @staticmethod
+    def _failed(code: str, exc: BaseException, header: bytes, trailer: bytes) -> bytes:
+        """The ``41`` answer of a request no node could serve (logged, throttled)."""
+        if isinstance(exc, NoNodeAvailable | TimeoutError):
+            skipped = _NO_NODE_LOG.due()
+            if skipped is not None:  # under overload this would be thousands of lines a second
+                log.warning(
+                    "%s: no node could serve the request (%s)%s", code, type(exc).__name__,
+                    f"; {skipped} more such answers since the last line" if skipped else "",
+                )  # fmt: skip
+        else:
+            log.error("%s: routing failed", code, exc_info=exc)
+        return build_response(header, code, NO_NODE_ERROR, b"", trailer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +341,7 @@ class CommandRecord:
 
     ``error`` is the response's error code; ``header`` the echoed message header (the client's
     correlation id); ``latency`` seconds from the request's arrival to its response being written.
+    (The audit trail is fed by the :class:`Dispatcher`, which also knows the node and the keys.)
     """
 
     listener: str
@@ -257,10 +351,6 @@ class CommandRecord:
     error: str
     latency: float
     header: bytes
-    #: Node that answered ("" for an answer given without a node) and the named keystore keys the
-    #: request presented, as (``tenant/name@version``, check value) pairs (unnamed keys: nothing).
-    node: str = ""
-    key_ids: tuple[tuple[str, str], ...] = ()
 
 
 CommandObserver = Callable[[CommandRecord], None]
@@ -298,10 +388,10 @@ class HostCommandProtocol(asyncio.Protocol):
         #: Called once per answered command, in order (the one choke point for metrics and audit).
         self.observer: CommandObserver | None = None
         self.listener = ""
-        #: Who the client is, for audit records: ``"<certificate subject> <address>"`` on mutual TLS;
-        #: "" means the peer address.
+        #: Who the client is, for audit records and the console: ``"<host>:<port>"``, or
+        #: ``"<certificate subject> <host>:<port>"`` on mutual TLS (set when the connection is admitted).
         self.client = ""
-        self._meta: deque[tuple[float, str, RequestNote]] = deque()
+        self._meta: deque[tuple[float, str]] = deque()
         #: For the admin console (SHOW CLIENTS, KILL CLIENT): id, accepted at (epoch s), requests read.
         self.conn_id = 0
         self.since = time.time()
@@ -343,6 +433,7 @@ class HostCommandProtocol(asyncio.Protocol):
         # once per connection: asyncio.get_running_loop() is a getpid() system call on Python 3.11
         self._loop = asyncio.get_running_loop()
         self.peer = self._transport.get_extra_info("peername")
+        self.client = f"{self.peer[0]}:{self.peer[1]}" if isinstance(self.peer, tuple) else str(self.peer)
         if self.over_limit:
             log.warning("refusing connection from %s: connection limit reached", self.peer)
             transport.close()
@@ -371,26 +462,18 @@ class HostCommandProtocol(asyncio.Protocol):
         loop = self._loop
         observe = self.observer is not None
         self.requests += len(frames)
-        hl = self._dispatcher.header_length
+        dispatcher = self._dispatcher
+        hl = dispatcher.header_length
+        client = self.client
+        arrived = time.perf_counter() if observe else 0.0  # one read: one arrival time
         for frame in frames:
-            if observe:
-                note = RequestNote()
-                self._meta.append((time.perf_counter(), frame[hl : hl + 2].decode("latin-1"), note))
-                token = REQUEST_NOTE.set(note)  # the request's task (if any) keeps the note
-                try:
-                    result = self._dispatcher.handle(frame)
-                    if result is not None and not isinstance(result, bytes):
-                        result = asyncio.ensure_future(result, loop=loop)
-                finally:
-                    REQUEST_NOTE.reset(token)
-            else:
-                result = self._dispatcher.handle(frame)
+            result = dispatcher.handle(frame, client)
             if result is None:
-                if observe:
-                    self._meta.pop()
                 log.warning("closing connection from %s: frame shorter than header and command", self.peer)
                 self._close_after_flush()
                 return
+            if observe:
+                self._meta.append((arrived, frame[hl : hl + 2].decode("latin-1")))
             if isinstance(result, bytes):
                 self._slots.append(result)
             else:
@@ -447,18 +530,16 @@ class HostCommandProtocol(asyncio.Protocol):
         if observer is None or dispatcher is None:
             return
         hl = dispatcher.header_length
-        tenant = dispatcher.tenant.name if dispatcher.tenant is not None else dispatcher.context.tenant
-        peer = self.client or (
-            f"{self.peer[0]}:{self.peer[1]}" if isinstance(self.peer, tuple) else str(self.peer)
-        )
+        tenant = dispatcher.tenant_name
+        peer = self.client
         now = time.perf_counter()
         for response in answered:
             if not self._meta:
                 break
-            started, command, note = self._meta.popleft()
+            started, command = self._meta.popleft()
             record = CommandRecord(
                 self.listener, tenant, peer, command, response[hl + 2 : hl + 4].decode("latin-1"),
-                now - started, response[:hl], note.node, note.key_ids,
+                now - started, response[:hl],
             )  # fmt: skip
             try:
                 observer(record)

@@ -24,9 +24,13 @@ def run_serve(config_path: str) -> int:
         print(f"config error: {config_path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        uvloop.run(serve(settings))
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings))
+            uvloop.run(serve(settings))
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            asyncio.run(serve(settings))
+    except ConfigError as exc:  # found while starting (e.g. a pinned-keys file that is not there)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 1
     return 0

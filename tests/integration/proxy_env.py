@@ -19,10 +19,13 @@ from hsmproxy.server.app import Proxy
 from hsmproxy.server.hostcmd import CommandObserver
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+#: The pinned public keys of the nodes' audit signing keys, next to the config (``[audit] trusted_keys``).
+AUDIT_KEYS = "audit-keys.pem"
 
 
 def make_nodes(root: Path, names: tuple[str, ...] = ("node-a", "node-b"), strict: bool = False) -> Path:
-    """Create SoftHSM2 tokens + PIN files under ``root`` and a config; load the test LMKs."""
+    """Create SoftHSM2 tokens + PIN files under ``root`` and a config; load the test LMKs; generate each
+    node's audit signing key and pin the public keys in ``root / AUDIT_KEYS``."""
     if shutil.which("softhsm2-util") is None or not Path(SOFTHSM_MODULE).exists():
         pytest.skip("SoftHSM2 is not installed (make test installs it)")
     lines = [
@@ -60,6 +63,12 @@ def make_nodes(root: Path, names: tuple[str, ...] = ("node-a", "node-b"), strict
     config.write_text("\n".join(lines) + "\n")
     subprocess.run(
         [sys.executable, "-m", "hsmproxy.cli", "lmk", "load", "--all", "--test", "--config", str(config)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    # every node's audit checkpoint signing key, made inside its token; the public keys pinned here
+    subprocess.run(
+        [sys.executable, "-m", "hsmproxy.cli", "audit", "keys", "--generate", "--config", str(config),
+         "--out", str(root / AUDIT_KEYS)],
         check=True, capture_output=True,
     )  # fmt: skip
     return config

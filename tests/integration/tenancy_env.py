@@ -26,8 +26,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from emulator.crypto.keyblock import KeyBlockLmk
 from emulator.crypto.lmk import TEST_LMK, VariantLmk
+from hsmproxy.backend.offline import in_child
 from hsmproxy.config import Settings, load_settings
-from hsmproxy.keys.ceremony import _in_child, _load_node
+from hsmproxy.keys.ceremony import load_node
 from hsmproxy.server.app import Proxy
 from protocols.framing import Framer, encode_frame
 from tests.integration.conftest import HsmClient
@@ -288,7 +289,7 @@ def _load_tenant_b_lmks(settings: Settings) -> None:
         "03": ("keyblock", [B_KEYBLOCK_LMK.key]),
     }
     for spec in settings.nodes:
-        _in_child(_load_node, spec, lmks)
+        in_child(load_node, spec, lmks)
 
 
 def start_uvloop_proxy(settings: Settings, pki: Path) -> TenancyProxy:

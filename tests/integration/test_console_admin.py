@@ -432,9 +432,15 @@ def test_audit_verify_and_tail(env: Env) -> None:
         report = c.json("AUDIT VERIFY")
         assert isinstance(report, dict)
         assert report["state"] == "intact" and report["problems"] == [] and report["records"] > 10
+        assert report["verified_with"] == "the keys the nodes reported (none pinned)"
+        sealed = c.cmd("AUDIT CHECKPOINT")
+        assert sealed[0].startswith("OK sealed through seq "), sealed
+        after = c.json("AUDIT VERIFY")
+        assert isinstance(after, dict) and after["state"] == "intact" and after["checkpoints"] >= 1
         tail = c.json("AUDIT TAIL 3")
         assert isinstance(tail, list) and len(tail) == 3
-        assert [r["seq"] for r in tail] == sorted(r["seq"] for r in tail)
+        seqs = [r["seq"] for r in tail if r["kind"] != "checkpoint"]
+        assert seqs == sorted(seqs)
         assert tail[-1]["kind"] == "console" and tail[-1]["command"] == "AUDIT VERIFY"
         assert c.cmd("AUDIT TAIL 0")[0].startswith("ERR")
         text = rows(c.cmd("AUDIT TAIL 5"))

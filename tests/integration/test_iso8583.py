@@ -713,11 +713,20 @@ def test_tenant_connection_limit_and_rate(env: Env) -> None:
 
 
 class _Audit:
+    """The audit writer's face to the fronts: records and refusal counts, in order."""
+
+    ack_after_durable = False
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, **fields: Any) -> int:
         self.records.append({"kind": kind, **fields})
+        return len(self.records)
+
+    def refused(self, tenant: str, listener: str, command: str, result: str) -> None:
+        self.records.append({"kind": "refused", "tenant": tenant, "listener": listener, "mti": command,
+                             "result": result})  # fmt: skip
 
 
 def test_audit_records_and_no_secrets_in_logs(
@@ -737,7 +746,9 @@ def test_audit_records_and_no_secrets_in_logs(
     finally:
         listener._audit = previous
     results = [(r["kind"], r["mti"], r["result"]) for r in audit.records]
-    assert results == [("iso8583", "0200", "81"), ("iso8583", "0200", "92"), ("iso8583", "0200", "63")]
+    # the PIN and MAC steps ran on a node (one record each, naming it); no route: only counted
+    assert results == [("iso8583", "0200", "81"), ("refused", "0200", "92"), ("iso8583", "0200", "63")]
+    assert {audit.records[0]["node"], audit.records[2]["node"]} <= {"node-a", "node-b"}
     assert audit.records[0]["stan"] == bad["11"] and audit.records[0]["rrn"] == bad["37"]
     assert audit.records[0]["listener"] == "iso-svc" and audit.records[0]["tenant"] == "default"
     text = caplog.text + repr(audit.records)

@@ -141,7 +141,8 @@ def test_metrics_catalogue(metrics_proxy: RunningProxy) -> None:
     assert all(s.value >= 0 for s in conns.samples) and conns.samples
     assert "hsmproxy_inflight_commands" in fams
     assert _value(fams["hsmproxy_up"]) == 1 and _value(fams["hsmproxy_draining"]) == 0
-    for name in ("requests_shed", "retries_refused", "slow_timeouts"):
+    assert _value(fams["hsmproxy_admission_queued"]) == 0
+    for name in ("requests_shed", "requests_expired", "admission_waited", "retries_refused", "slow_timeouts"):
         assert _value(fams[f"hsmproxy_{name}"], "_total") == 0, name
 
     state = fams["hsmproxy_node_state"]
@@ -151,6 +152,9 @@ def test_metrics_catalogue(metrics_proxy: RunningProxy) -> None:
         assert _value(state, node=node, state="DOWN") == 0 and _value(state, node=node, state="EJECTED") == 0
         assert _value(admin, node=node, state="READY") == 1 and _value(admin, node=node, state="MAINT") == 0
         assert _value(fams["hsmproxy_node_outstanding"], node=node) == 0
+        # the adaptive limit stays within its bounds (16 .. 256 by default); the RTTs are seconds
+        assert 16 <= _value(fams["hsmproxy_node_concurrency_limit"], node=node) <= 256
+        assert 0 <= _value(fams["hsmproxy_node_rtt_noload_seconds"], node=node) < 1
         for name in ("errors", "ejections", "check_failures", "worker_restarts"):
             assert _value(fams[f"hsmproxy_node_{name}"], "_total", node=node) == 0, name
         info = [s for s in fams["hsmproxy_node_info"].samples if s.labels.get("node") == node]
@@ -247,17 +251,17 @@ def test_audit_families() -> None:
 
     assert list(_LiveCollector._audit(None)) == []
     sink = SimpleNamespace(sent=7, dropped=2, connects=3)
-    settings = SimpleNamespace(max_pending=100)
-
-    def room() -> int:
-        return 96
-
-    audit = SimpleNamespace(written=10, dropped=1, failing=True, sink=sink, settings=settings, room=room)
+    audit = SimpleNamespace(
+        written=10, dropped=1, checkpoints=5, refusals=11, waiting=4, unsealed=6, failing=True, sink=sink
+    )
     values = {f.name: (f.type, f.samples[0].value) for f in _LiveCollector._audit(audit)}
     assert values == {
         "hsmproxy_audit_records_written": ("counter", 10.0),
         "hsmproxy_audit_records_dropped": ("counter", 1.0),
+        "hsmproxy_audit_checkpoints": ("counter", 5.0),
+        "hsmproxy_audit_refusals": ("counter", 11.0),
         "hsmproxy_audit_pending": ("gauge", 4.0),
+        "hsmproxy_audit_unsealed": ("gauge", 6.0),
         "hsmproxy_audit_failing": ("gauge", 1.0),
         "hsmproxy_audit_syslog_sent": ("counter", 7.0),
         "hsmproxy_audit_syslog_dropped": ("counter", 2.0),
