@@ -166,8 +166,8 @@ def _cluster_settings(data: dict[str, Any]) -> ClusterSettings:
         raise ConfigError("cluster: limit_tolerance must be between 1.0 and 100.0 (RTT over the no-load RTT)")
     if not 0 < cs.probe_interval <= 86400:
         raise ConfigError("cluster: probe_interval must be positive (seconds, at most a day)")
-    if not 0 <= cs.queue_timeout <= 60 or cs.max_queue < 0:
-        raise ConfigError("cluster: need 0 <= queue_timeout <= 60 (seconds) and max_queue >= 0")
+    if not 0 <= cs.queue_timeout <= 60 or not 0 <= cs.queue_interval <= 60 or cs.max_queue < 0:
+        raise ConfigError("cluster: need queue_timeout and queue_interval in 0..60 s, max_queue >= 0")
     return cs
 
 

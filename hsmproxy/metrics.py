@@ -235,7 +235,7 @@ class _LiveCollector(Collector):
         draining.add_metric([], 1.0 if m.draining else 0.0)
         yield draining
         for attr, name, text in (
-            ("shed", "requests_shed", "Requests answered 41 at once: nodes at their limits, queue full."),
+            ("shed_total", "requests_shed", "Requests answered 41 at once: they could not start in time."),
             ("expired", "requests_expired", "Requests answered 41 after waiting queue_timeout for a node."),
             ("queued_total", "admission_waited", "Requests that waited in the admission queue."),
             ("retries", "retries", "Requests retried on another node after a failure or timeout."),

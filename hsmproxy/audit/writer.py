@@ -198,17 +198,18 @@ class AuditWriter:
         """Queue a record of ``kind`` (``iso8583``, ``console``, ``key`` …); returns its ticket."""
         return self._enqueue({"kind": kind, **fields})
 
-    def refused(self, tenant: str, listener: str, command: str, result: str) -> None:
-        """Count a request answered before it reached a node (shed, rate limit, ACL, bad format …)."""
+    def refused(self, tenant: str, listener: str, command: str, result: str, count: int = 1) -> None:
+        """Count ``count`` requests answered before they reached a node (shed, rate limit, ACL, bad
+        format …)."""
         key = (tenant, listener, command, result)
         now = self.clock()
         entry = self._tally.get(key)
         if entry is None:
-            self._tally[key] = [1, now, now]
+            self._tally[key] = [count, now, now]
         else:
-            entry[0] += 1
+            entry[0] += count
             entry[2] = now
-        self.refusals += 1
+        self.refusals += count
 
     def when_durable(self, ticket: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the record of ``ticket`` is on disk (at once if it already is)."""

@@ -29,22 +29,19 @@ Admission (overload degrades, never collapses):
   the no-load RTT before the limit shrinks; ``probe_interval`` (default 5 s) how often the no-load
   RTT is re-measured (the node held at ``min_limit`` for ``2 x min_limit`` answers).
   ``min_limit = max_outstanding`` turns adaptation off (a fixed limit).
-* **Bounded wait with a deadline** (CoDel's idea: bound the time spent waiting, not the length): a
-  request that finds every eligible node at its limit waits in one router-wide FIFO queue at most
-  ``queue_timeout`` seconds among at most ``max_queue`` others. Default 10 ms: CoDel's 5 ms is a
-  target for a *standing* queue, which it enforces only after a 100 ms interval, so bursts pass; a
-  hard per-request deadline has no interval and must itself cover one burst: one read of a
-  pipelining connection dispatches every frame in it, and at the floor (16 a node) the cluster
-  starts them in waves of one RTT (1-3 ms measured on SoftHSM2 under load), so 100-150 commands
-  need 3-5 waves. Under a standing overload 10 ms is also what admitted requests wait at most (the
-  fixed 256-deep queues gave a p99 of 128 ms, 4 s at 4x). ``max_queue`` default 1,024: several
-  times what the measured peak (~17,000/s) can start within 10 ms, so the deadline, not the length,
-  decides; the bound caps memory and the work of one expiry pass. An answer frees
-  a slot and starts the oldest waiter still in time, on the node affinity and least outstanding
-  choose among those under their limit. A waiter out of time fails with :class:`Overloaded`
-  (``expired``), a request finding the queue full at once (``shed``); neither ever reaches a node
-  late. ``max_queue = 0`` or ``queue_timeout = 0``: no waiting (shed at once). One timer serves the
-  queue (every waiter has the same budget, so the head expires first).
+* **Bounded wait with a deadline** (CoDel's control law): a request that finds every eligible node at
+  its limit waits in one router-wide FIFO queue among at most ``max_queue`` others. A burst may wait
+  up to ``queue_timeout + queue_interval`` (10 + 100 ms): CoDel lets a queue stand above its target for
+  an interval, so the waves in which a pipelined burst starts are not refused. Once waits have stood
+  above ``queue_timeout`` for ``queue_interval`` (or a waiter ran out its deadline) the queue is
+  *dropping*: every waiter older than ``queue_timeout`` fails with :class:`Overloaded` (``expired``),
+  and :meth:`Router.overloaded` tells the fronts to refuse early what would not start in time (queue
+  length over the nodes' start rate, Little's law on their limits and RTTs), before they parse it.
+  Dropping ends once nothing has shown a standing queue for an interval. An answer frees a slot and
+  starts the oldest waiter in time, on the node affinity and least outstanding choose among those
+  under their limit. A request finding the queue full fails at once (``shed``). Nothing reaches a node
+  late. ``max_queue = 0`` or ``queue_timeout = 0``: no waiting; ``queue_interval = 0``: every wait is
+  bounded by ``queue_timeout`` alone. One timer serves the queue (the head is due first).
 * **Never refused**: internal work (``shed=False``: the audit trail's MAC batches and checkpoints)
   and retries (the request was admitted once) skip both the limit and the queue, and may exceed
   ``max_outstanding``. Health checks do not go through the router at all.
@@ -116,6 +113,10 @@ RETRY_BURST = 100.0
 #: Shortest re-arm of the queue timer (s): a loop whose clock is coarser than the router's (uvloop
 #: caches a millisecond clock) may wake it a little early; expiry is then at most this late.
 QUEUE_TIMER_FLOOR = 0.001
+#: Waiters the queue may always hold before :meth:`Router.overloaded` says a newcomer would be late.
+QUEUE_SLACK = 8
+#: Seconds over which the completion rate of :meth:`Router.overloaded` is measured.
+RATE_WINDOW = 0.05
 
 
 class Overloaded(NoNodeAvailable):
@@ -173,8 +174,11 @@ class _Waiter:
     args: dict[str, Any]
     affinity: str
     note: RequestNote | None
-    #: ``clock()`` by which it must have started (it fails with Overloaded then).
+    #: ``clock()`` by which it must have started in any case (``queue_timeout + queue_interval``
+    #: after it arrived; in the dropping state ``queue_timeout`` after it arrived).
     deadline: float
+    #: ``clock()`` when it arrived.
+    since: float
 
 
 class Router:
@@ -215,6 +219,17 @@ class Router:
         #: ever waited; the per-node adaptive limits; the FIFO of waiters and the one timer of its head.
         self.expired = 0
         self.queued_total = 0
+        #: Requests answered at once by a front that asked :meth:`overloaded` (never parsed, never queued).
+        self.shed_early = 0
+        self._completions = 0  # node answers since _rate_at
+        self._rate = 0.0  # node answers a second (smoothed)
+        self._rate_at = clock()
+        self._capacity = 0.0  # what the eligible nodes can start a second (limit / RTT), estimated
+        #: CoDel's state: since when waits have exceeded ``queue_timeout`` (0: they have not), and
+        #: whether they have for ``queue_interval`` (a standing queue: dropping).
+        self._above_since = 0.0
+        self._last_above = 0.0
+        self._drop = False
         self.limits: dict[str, NodeLimit] = {n.name: NodeLimit(n.name, self.settings, clock()) for n in nodes}
         self._waiters: deque[_Waiter] = deque()
         self._queue_timer: asyncio.TimerHandle | None = None
@@ -393,6 +408,47 @@ class Router:
         self._attempt(loop, outer, self._choose(candidates, affinity, now), op, args, affinity, True, note)
         return outer
 
+    @property
+    def shed_total(self) -> int:
+        """Requests answered ``41`` at once as overload: by the router (queue full) and by fronts
+        that asked :meth:`overloaded`."""
+        return self.shed + self.shed_early
+
+    def overloaded(self) -> bool:
+        """True when a request arriving now would not start within ``queue_timeout``: the queue is in
+        its dropping state (waits have stood above ``queue_timeout`` for ``queue_interval``: a burst
+        that drains is not an overload) and holds more than the nodes can start in that time. Their
+        start rate is estimated by
+        Little's law from each eligible node's limit and round-trip time (what they can take, so a
+        burst at an idle proxy is not mistaken for overload), and is at least the answer rate
+        measured. Under a flood the round trips grow with the front's own lag, the estimate falls
+        and refusals move to the front. A front asks this before parsing a request and answers it at
+        once (counted in :attr:`shed_early`): refusing must cost far less than serving, or the work
+        of refusing starves the nodes' answers (receive livelock) and nothing starts in time."""
+        waiters = self._waiters
+        if len(waiters) < QUEUE_SLACK:
+            return False
+        now = self.clock()
+        span = now - self._rate_at
+        if span >= RATE_WINDOW:
+            measured = self._completions / span
+            self._rate = measured if not self._rate else 0.7 * self._rate + 0.3 * measured
+            self._completions, self._rate_at = 0, now
+            capacity = 0.0
+            for name, limit in self.limits.items():
+                rtt = max(limit.rtt_recent, limit.rtt_noload)
+                if rtt > 0 and self.states[name].serving(now):
+                    capacity += limit.current / rtt
+            self._capacity = capacity
+        if not self._dropping(now):
+            return False  # no standing queue: a burst that drains, not an overload
+        rate = max(self._rate, self._capacity)
+        # no estimate yet (a fresh proxy): the queue's own deadline decides
+        late = rate > 0 and len(waiters) >= max(QUEUE_SLACK, rate * self.settings.queue_timeout)
+        if late:
+            self._last_above = now  # refusing early is the standing queue's evidence too
+        return late
+
     def _enqueue(
         self,
         outer: asyncio.Future[tuple[str, Any]],
@@ -408,14 +464,15 @@ class Router:
         while (
             waiters
             and len(waiters) >= settings.max_queue
-            and (waiters[0].outer.done() or now >= waiters[0].deadline)
+            and (waiters[0].outer.done() or now >= self._due(waiters[0], now))
         ):
             self._expire_head()  # out of time or given up, not yet reached by the timer: no room taken
         if len(waiters) >= settings.max_queue or settings.queue_timeout <= 0:
             self.shed += 1
             outer.set_exception(Overloaded("every eligible node is at its concurrency limit, none may wait"))
             return
-        waiters.append(_Waiter(outer, op, args, affinity, note, now + settings.queue_timeout))
+        deadline = now + settings.queue_timeout + settings.queue_interval
+        waiters.append(_Waiter(outer, op, args, affinity, note, deadline, now))
         self.queued_total += 1
         if self._queue_timer is None:
             self._arm_queue_timer(now, 0.0)
@@ -424,21 +481,57 @@ class Router:
         """The queue's one timer, at the head's deadline (every waiter has the same budget)."""
         loop = self._loop
         if loop is not None and self._waiters:
-            delay = max(self._waiters[0].deadline - now, floor)
+            delay = max(self._due(self._waiters[0], now) - now, floor)
             self._queue_timer = loop.call_later(delay, self._on_queue_timer)
+
+    @property
+    def dropping(self) -> bool:
+        """True while the admission queue is in CoDel's dropping state (a standing queue)."""
+        return self._dropping(self.clock())
+
+    def _dropping(self, now: float) -> bool:
+        """The dropping state, ended once nothing has shown a standing queue for an interval."""
+        if self._drop and now - self._last_above >= self.settings.queue_interval:
+            self._drop = False
+        return self._drop
+
+    def _due(self, w: _Waiter, now: float) -> float:
+        """When ``w`` must have started: ``queue_timeout`` after it arrived while the queue is
+        dropping, else its deadline (``queue_timeout + queue_interval``)."""
+        if self._dropping(now):
+            return min(w.deadline, w.since + self.settings.queue_timeout)
+        return w.deadline
+
+    def _sojourn(self, waited: float, now: float) -> None:
+        """CoDel's control law on one wait: above ``queue_timeout`` for ``queue_interval`` on end,
+        the queue drops (waiters past the target fail, fronts shed early); it stops once no wait has
+        been above the target for an interval (or the queue empties)."""
+        settings = self.settings
+        if waited <= settings.queue_timeout:
+            self._above_since = 0.0
+            self._dropping(now)
+            return
+        self._last_above = now
+        if not self._above_since:
+            self._above_since = now
+        elif now - self._above_since >= settings.queue_interval:
+            self._drop = True
 
     def _on_queue_timer(self) -> None:
         self._queue_timer = None
         self._drain()
 
     def _expire_head(self) -> None:
-        """Remove the head waiter, failing it with Overloaded unless its caller gave up."""
+        """Remove the head waiter, failing it with Overloaded unless its caller gave up. One that
+        waited out its whole deadline stood above the target for the interval: the queue drops."""
         w = self._waiters.popleft()
         if not w.outer.done():
             self.expired += 1
-            w.outer.set_exception(
-                Overloaded(f"no node could start the request within {self.settings.queue_timeout:g}s")
-            )
+            now = self.clock()
+            self._drop, self._last_above = True, now
+            self._above_since = self._above_since or w.since
+            waited = now - w.since
+            w.outer.set_exception(Overloaded(f"no node could start the request within {waited:.3f}s"))
 
     def _drain(self, freed: Backend | None = None) -> None:
         """Start the oldest waiters still in time while a node is under its limit; fail the others
@@ -466,16 +559,20 @@ class Router:
             free = self._under_limit(candidates)
         while waiters:
             w = waiters[0]
-            if w.outer.done() or now >= w.deadline - 1e-9:  # (slack: timer and router clocks may round apart)
+            if w.outer.done() or now >= self._due(w, now) - 1e-9:  # slack: timer and clock round apart
                 self._expire_head()
                 continue
             if not free:
+                self._sojourn(now - w.since, now)  # the head still waits: its age counts too
                 break
             waiters.popleft()
+            self._sojourn(now - w.since, now)
             node = self._choose(free, w.affinity, now)
             self._attempt(loop, w.outer, node, w.op, w.args, w.affinity, True, w.note)
             free = self._under_limit(free)
-        if waiters and self._queue_timer is None:
+        if not waiters:
+            self._above_since = 0.0
+        elif self._queue_timer is None:
             self._arm_queue_timer(now, QUEUE_TIMER_FLOOR)
 
     def _attempt(
@@ -504,6 +601,7 @@ class Router:
         def done(fut: asyncio.Future[tuple[str, Any]]) -> None:
             st.outstanding -= 1
             timer.cancel()
+            self._completions += 1
             now = self.clock()
             cancelled = fut.cancelled()
             exc = None if cancelled else fut.exception()

@@ -77,9 +77,12 @@ class ClusterSettings:
     min_limit: int = 16
     limit_tolerance: float = 2.0
     probe_interval: float = 5.0
-    #: A request that finds every eligible node at its limit waits (FIFO, router-wide) at most
-    #: ``queue_timeout`` seconds among at most ``max_queue`` others, then is answered ``41``.
+    #: A request that finds every eligible node at its limit waits (FIFO, router-wide, among at most
+    #: ``max_queue`` others) at most ``queue_timeout + queue_interval`` seconds, and once waits have
+    #: stood above ``queue_timeout`` for ``queue_interval`` (CoDel's target and interval: a standing
+    #: queue) at most ``queue_timeout``; then it is answered ``41``.
     queue_timeout: float = 0.010
+    queue_interval: float = 0.1
     max_queue: int = 1024
 
 

@@ -43,7 +43,7 @@ from hsmproxy.commands.base import CommandContext, Handler, Immediate
 from hsmproxy.logs import LogThrottle
 from hsmproxy.tenancy import TenantState
 from protocols.framing import FrameError, Framer, encode_frame
-from protocols.hostcmd.envelope import EnvelopeError, build_response, split_request
+from protocols.hostcmd.envelope import EnvelopeError, build_response, response_code, split_request
 from protocols.hostcmd.fields import Field, Key, ParseError, format_fields, parse
 from protocols.hostcmd.table import COMMANDS
 
@@ -52,6 +52,25 @@ log = logging.getLogger("hsmproxy.hostcmd")
 MAX_FRAME = 32768
 #: Error code when no node can serve the request (payShield's generic internal error).
 NO_NODE_ERROR = "41"
+#: Seconds a connection is not read after a read it had to shed under overload.
+SHED_PAUSE = 0.001
+#: Commands the proxy answers itself: never shed as overload (B2 is the switches' keep-alive).
+LOCAL_COMMANDS = frozenset({"B2", "NO"})
+LOCAL_CODES = frozenset(c.encode("latin-1") for c in LOCAL_COMMANDS)
+_RESPONSE_CODES: dict[bytes, bytes] = {}
+
+
+def _response_code(code: bytes) -> bytes:
+    """The response code of a command code (memoised: the overload path answers thousands a second)."""
+    found = _RESPONSE_CODES.get(code)
+    if found is None:
+        try:
+            found = response_code(code.decode("latin-1")).encode("latin-1")
+        except ValueError:
+            found = code
+        if len(_RESPONSE_CODES) < 4096:
+            _RESPONSE_CODES[code] = found
+    return found
 #: A command the tenant may not call.
 NOT_ALLOWED_ERROR = "17"
 #: An LMK id the tenant does not own.
@@ -78,8 +97,8 @@ class AuditSink(Protocol):
         node, key ids); its ticket."""
         ...
 
-    def refused(self, tenant: str, listener: str, command: str, result: str) -> None:
-        """Count one command answered before it reached a node."""
+    def refused(self, tenant: str, listener: str, command: str, result: str, count: int = 1) -> None:
+        """Count commands answered before they reached a node."""
         ...
 
     def when_durable(self, ticket: int, callback: Callable[[], None]) -> None:
@@ -186,6 +205,11 @@ class Dispatcher:
             req = split_request(payload, self.header_length)
         except EnvelopeError:
             return None
+        if req.code not in LOCAL_COMMANDS and self.router.overloaded():
+            # it would not start in time: answered before it costs a parse (the proxy's own answers,
+            # B2 the switches' keep-alive among them, are still given)
+            self.router.shed_early += 1
+            return self._local(req.header, req.code, NO_NODE_ERROR, _trailer_of(req.body))
         tenant = self.tenant
         if tenant is not None:
             delay = tenant.admit_request()
@@ -201,6 +225,13 @@ class Dispatcher:
         await asyncio.sleep(delay)
         result = self._serve(header, code, body, client)
         return result if isinstance(result, bytes) else await result
+
+    def shed(self, counts: Mapping[bytes, int]) -> None:
+        """Count requests a connection answered ``41`` in bulk under overload (by command code)."""
+        self.router.shed_early += sum(counts.values())
+        if self.audit is not None:
+            for code, n in counts.items():
+                self.audit.refused(self.tenant_name, self.listener, code.decode("latin-1"), "41", n)
 
     def _local(self, header: bytes, code: str, error: str, trailer: bytes, body: bytes = b"") -> bytes:
         """An answer given without a node: counted by the audit trail, not written one by one."""
@@ -378,6 +409,8 @@ class HostCommandProtocol(asyncio.Protocol):
         self._slots: deque[asyncio.Future[bytes] | bytes] = deque()
         self._max_inflight = max_inflight
         self._paused = False
+        self._shed_pause = False  # reading paused for SHED_PAUSE after a read shed under overload
+        self._drain_due = False  # a drain is scheduled for this loop pass
         self._closing_after_flush = False
         self._graceful = False
         self._eof_sent = False
@@ -466,7 +499,21 @@ class HostCommandProtocol(asyncio.Protocol):
         hl = dispatcher.header_length
         client = self.client
         arrived = time.perf_counter() if observe else 0.0  # one read: one arrival time
+        # Overloaded: what this read brought cannot start in time, so it is answered 41 in one tight
+        # loop (no parse, no per-request objects, counted in bulk): refusing must cost far less than
+        # serving, or under a flood the refusals starve the nodes' answers (receive livelock).
+        shed: dict[bytes, int] | None = {} if dispatcher.router.overloaded() else None
         for frame in frames:
+            code = frame[hl : hl + 2]
+            if shed is not None and len(code) == 2 and code not in LOCAL_CODES:
+                shed[code] = shed.get(code, 0) + 1
+                trailer = frame.find(b"\x19", hl + 2)
+                self._slots.append(
+                    frame[:hl] + _response_code(code) + b"41" + (frame[trailer:] if trailer >= 0 else b"")
+                )
+                if observe:
+                    self._meta.append((arrived, ""))  # answered, not observed one by one
+                continue
             result = dispatcher.handle(frame, client)
             if result is None:
                 log.warning("closing connection from %s: frame shorter than header and command", self.peer)
@@ -480,13 +527,34 @@ class HostCommandProtocol(asyncio.Protocol):
                 fut = asyncio.ensure_future(result, loop=loop)
                 fut.add_done_callback(self._on_done)
                 self._slots.append(fut)
+        if shed:
+            dispatcher.shed(shed)
+            if not self._shed_pause and self._transport is not None and loop is not None:
+                # read this connection again in a moment: its next requests come in one bigger read
+                # (fewer wake-ups and system calls per refusal while the flood lasts)
+                self._shed_pause = True
+                self._transport.pause_reading()
+                loop.call_later(SHED_PAUSE, self._end_shed_pause)
         self._drain()
         if not self._paused and len(self._slots) >= self._max_inflight and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
 
     def _on_done(self, _fut: asyncio.Future[bytes]) -> None:
+        # A node's batch answers many requests at once: drain once after all of them, so the answers
+        # of this connection leave in one write (one system call, not one per answer).
+        if not self._drain_due and self._loop is not None:
+            self._drain_due = True
+            self._loop.call_soon(self._due_drain)
+
+    def _due_drain(self) -> None:
+        self._drain_due = False
         self._drain()
+
+    def _end_shed_pause(self) -> None:
+        self._shed_pause = False
+        if self._transport is not None and not self._paused and not self._closing_after_flush:
+            self._transport.resume_reading()
 
     def _drain(self) -> None:
         transport = self._transport
@@ -513,7 +581,8 @@ class HostCommandProtocol(asyncio.Protocol):
                 self._observe(answered)
         if self._paused and len(slots) <= self._max_inflight // 2:
             self._paused = False
-            transport.resume_reading()
+            if not self._shed_pause:
+                transport.resume_reading()
         if self._closing_after_flush and not slots and not self._eof_sent:
             if self._graceful and transport.can_write_eof():
                 # FIN, then read and discard until the peer closes: closing with unread requests
@@ -537,6 +606,8 @@ class HostCommandProtocol(asyncio.Protocol):
             if not self._meta:
                 break
             started, command = self._meta.popleft()
+            if not command:  # shed in bulk under overload: counted by the dispatcher
+                continue
             record = CommandRecord(
                 self.listener, tenant, peer, command, response[hl + 2 : hl + 4].decode("latin-1"),
                 now - started, response[:hl],

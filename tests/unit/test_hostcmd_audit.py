@@ -26,6 +26,11 @@ class FakeRouter:
         self.futures: list[asyncio.Future[tuple[str, Any]]] = []
         self.ops: list[str] = []
 
+    shed_early = 0
+
+    def overloaded(self) -> bool:
+        return False
+
     def submit(self, op: str, args: dict[str, Any], affinity: str = "") -> asyncio.Future[tuple[str, Any]]:
         fut: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
         note = REQUEST_NOTE.get()
@@ -58,8 +63,8 @@ class FakeAudit:
         self.items.append(item)
         return len(self.items)
 
-    def refused(self, tenant: str, listener: str, command: str, result: str) -> None:
-        self.refusals.append((tenant, listener, command, result))
+    def refused(self, tenant: str, listener: str, command: str, result: str, count: int = 1) -> None:
+        self.refusals += [(tenant, listener, command, result)] * count
 
     def when_durable(self, ticket: int, callback: Callable[[], None]) -> None:
         self.held.append((ticket, callback))
@@ -140,3 +145,59 @@ def test_with_ack_after_durable_the_answer_waits_for_its_record() -> None:
         assert answer.done() and answer.result()[4:8] == b"ND00"
 
     asyncio.run(main())
+
+
+class OverloadedRouter(FakeRouter):
+    """A router whose admission queue is past what it can start in time."""
+
+    def overloaded(self) -> bool:
+        return True
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.paused = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 5000) if name == "peername" else None
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+
+    def resume_reading(self) -> None:
+        self.paused -= 1
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_under_overload_a_read_is_answered_41_in_order_without_a_node_and_counted_in_bulk() -> None:
+    from hsmproxy.server.hostcmd import HostCommandProtocol
+    from protocols.framing import Framer, encode_frame
+
+    async def main() -> tuple[list[bytes], OverloadedRouter, FakeAudit, _Transport]:
+        router, audit = OverloadedRouter(), FakeAudit()
+        proto = HostCommandProtocol(_dispatcher(router, audit))
+        transport = _Transport()
+        proto.connection_made(cast(Any, transport))
+        frames = [b"0001NC", B2, b"0003CA0123\x19tail", b"0004NC"]
+        proto.data_received(b"".join(encode_frame(f) for f in frames))
+        assert transport.paused == 1  # read again in a moment, in one bigger read
+        await asyncio.sleep(0.01)
+        assert transport.paused == 0
+        return Framer(65535).feed(transport.written), router, audit, transport
+
+    answers, router, audit, _ = asyncio.run(main())
+    # in request order; B2 (the keep-alive) still answered; the trailer kept; nothing sent to a node
+    assert answers[0] == b"0001ND41" and answers[2:] == [b"0003CB41\x19tail", b"0004ND41"]
+    assert answers[1][:8] == b"0002B300" and router.ops == []
+    assert router.shed_early == 3
+    assert (
+        sorted(audit.refusals)
+        == [("default", "host", "B2", "00"), ("default", "host", "CA", "41")]
+        + [("default", "host", "NC", "41")] * 2
+    )

@@ -241,6 +241,11 @@ class _Router:
     """Stands in for the router: every operation 'succeeds' with no values (never reached here)."""
 
     calls = 0
+    shed_early = 0
+
+    def overloaded(self) -> bool:
+        """Never overloaded here."""
+        return False
 
     async def execute(self, op: str, args: dict[str, Any], affinity: str) -> tuple[str, dict[str, Any]]:
         _Router.calls += 1
